@@ -1,0 +1,3 @@
+"""hatched-mirror: a webhook-driven mirror of Hatched buddies."""
+
+__version__ = "0.1.0"

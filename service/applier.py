@@ -1,0 +1,169 @@
+"""Applying stored deliveries to the mirror: claim, normalise, project, write, in one transaction.
+
+Used by the worker's wake-up jobs, by replay and by rebuild. Deliveries of one shard are applied
+by one job at a time (a Postgres advisory lock per shard); buddy rows are locked in sorted order,
+so even two jobs that meet on a buddy serialise instead of deadlocking.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import asyncpg
+import structlog
+
+from service import store
+from service.events import Event, parse_delivery
+from service.projector import Buddy, mirrored, project
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class BatchResult:
+    claimed: int = 0
+    applied: int = 0
+    duplicate: int = 0
+    dead: int = 0
+    retried: int = 0
+    inconsistencies: int = 0
+    changed: list[tuple[str, int]] = field(default_factory=list)
+
+    def add(self, other: BatchResult, *, claimed: bool = True) -> None:
+        self.claimed += other.claimed if claimed else 0
+        self.applied += other.applied
+        self.duplicate += other.duplicate
+        self.dead += other.dead
+        self.retried += other.retried
+        self.inconsistencies += other.inconsistencies
+        self.changed.extend(other.changed)
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyLimits:
+    batch_size: int = 500
+    max_attempts: int = 8
+    backoff_s: float = 1.0
+
+
+# Errors that belong to the data of a batch (the server refused a value, the projector tripped)
+# rather than to the connection; connection errors propagate and the sweeper retries later.
+_DATA_ERRORS = (
+    asyncpg.PostgresError,
+    ArithmeticError,
+    AttributeError,
+    LookupError,
+    TypeError,
+    ValueError,
+)
+_CONNECTION_ERRORS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)
+
+
+async def drain_shard(conn: store.Conn, shard: int, limits: ApplyLimits) -> BatchResult:
+    """Apply pending deliveries of `shard` until none is left. Call with the shard lock held."""
+    total = BatchResult()
+    while True:
+        result = await apply_batch(conn, shard, limits)
+        total.add(result)
+        if result.claimed < limits.batch_size:
+            return total
+
+
+async def apply_batch(conn: store.Conn, shard: int, limits: ApplyLimits) -> BatchResult:
+    try:
+        async with conn.transaction():
+            rows = await store.claim_batch(conn, shard, limits.batch_size)
+            return await _apply_rows(conn, rows)
+    except _DATA_ERRORS as exc:
+        if isinstance(exc, _CONNECTION_ERRORS):
+            raise
+        # Something in the batch cannot be written (a value out of range, say). Apply the
+        # buddies one by one so the poison is isolated and everyone else moves on.
+        log.warning("batch_failed_isolating", shard=shard, error=repr(exc))
+        return await _apply_isolated(conn, shard, limits)
+
+
+async def _apply_isolated(conn: store.Conn, shard: int, limits: ApplyLimits) -> BatchResult:
+    async with conn.transaction():
+        rows = await store.claim_batch(conn, shard, limits.batch_size)
+    groups: dict[str | None, list[int]] = defaultdict(list)
+    for row in rows:
+        groups[_buddy_of(row)].append(row["seq"])
+    result = BatchResult(claimed=len(rows))
+    for seqs in groups.values():
+        try:
+            async with conn.transaction():
+                part = await _apply_rows(conn, await store.claim_seqs(conn, seqs))
+            result.add(part, claimed=False)
+        except _DATA_ERRORS as exc:
+            if isinstance(exc, _CONNECTION_ERRORS):
+                raise
+            log.error("delivery_apply_failed", seqs=seqs, error=repr(exc))
+            await store.retry_deliveries(
+                conn, seqs, f"apply_error: {exc!r}"[:500], limits.max_attempts, limits.backoff_s
+            )
+            result.retried += len(seqs)
+    return result
+
+
+def _buddy_of(row: asyncpg.Record) -> str | None:
+    parsed = parse_delivery(bytes(row["body"]), row["headers"], row["format"], row["signed_at"])
+    return parsed.buddy_id
+
+
+async def _apply_rows(conn: store.Conn, rows: list[asyncpg.Record]) -> BatchResult:
+    result = BatchResult(claimed=len(rows))
+    if not rows:
+        return result
+    finished: list[tuple[int, str, str | None]] = []
+    events: dict[str, list[tuple[int, Event]]] = defaultdict(list)
+    for row in rows:
+        parsed = parse_delivery(bytes(row["body"]), row["headers"], row["format"], row["signed_at"])
+        if parsed.status != "accepted" or parsed.event is None:
+            # The receiver classifies these already; a changed parser may reclassify on replay.
+            finished.append((row["seq"], parsed.status, parsed.reason))
+            result.dead += parsed.status == "dead"
+            continue
+        events[parsed.event.buddy_id].append((row["seq"], parsed.event))
+
+    # v1 names the underlying event: a second delivery of it must not count twice.
+    event_ids = [e.event_id for evs in events.values() for _, e in evs if e.event_id]
+    seen = await store.seen_event_ids(conn, event_ids)
+    for buddy_id, evs in list(events.items()):
+        fresh = []
+        for seq, event in evs:
+            if event.event_id is not None and event.event_id in seen:
+                finished.append((seq, "duplicate", f"event_id {event.event_id} already applied"))
+                result.duplicate += 1
+                continue
+            if event.event_id is not None:
+                seen.add(event.event_id)
+            fresh.append((seq, event))
+        events[buddy_id] = fresh
+
+    current = await store.lock_buddies(conn, events)
+    writes: list[tuple[Buddy, int]] = []
+    ledger = []
+    for buddy_id in sorted(events):
+        evs = events[buddy_id]
+        if not evs:
+            continue
+        state, version = current.get(buddy_id, (None, 0))
+        outcome = project(state, buddy_id, evs)
+        ledger.extend(outcome.ledger)
+        result.inconsistencies += outcome.inconsistencies
+        if state is None or outcome.buddy != state:
+            changed = state is None or mirrored(outcome.buddy) != mirrored(state)
+            new_version = version + 1 if changed else version
+            writes.append((outcome.buddy, new_version))
+            if changed:
+                result.changed.append((buddy_id, new_version))
+        finished.extend((seq, "applied", None) for seq, _ in evs)
+        result.applied += len(evs)
+
+    await store.save_buddies(conn, writes)
+    await store.insert_ledger(conn, ledger)
+    await store.finish_deliveries(conn, finished)
+    await store.notify_changed(conn, result.changed)
+    return result

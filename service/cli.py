@@ -1,0 +1,198 @@
+"""The commands of the contract: dev, migrate, serve, worker, send-test-event."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+import orjson
+import uvicorn
+
+from service import logs, store
+from service.config import ConfigError, Settings, load_settings, require
+
+DEV_SECRET = "whsec_dev_local_secret"
+DEV_API_TOKEN = "dev-api-token"
+DEV_ADMIN_TOKEN = "dev-admin-token"
+
+
+def _settings(command: str, **overrides: Any) -> Settings:
+    try:
+        settings = load_settings(**overrides)
+        require(settings, command)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    logs.configure(settings.log_format)
+    return settings
+
+
+async def _migrate(dsn: str) -> list[str]:
+    pool = await store.create_pool(dsn, size=1, timeout_s=10)
+    try:
+        async with pool.acquire() as conn:
+            return await store.migrate(conn)
+    finally:
+        await pool.close()
+
+
+@click.group()
+@click.version_option(package_name="hatched-mirror")
+def main() -> None:
+    """hatched-mirror: a mirror of Hatched buddies fed by signed webhooks."""
+
+
+@main.command()
+def migrate() -> None:
+    """Apply sql/ migrations (idempotent; safe with several replicas at once)."""
+    settings = _settings("migrate")
+    assert settings.database_url is not None
+    applied = asyncio.run(_migrate(settings.database_url))
+    click.echo(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
+
+
+def app_from_env() -> Any:
+    """uvicorn factory for `serve --workers N`: each process reads the environment itself."""
+    from service.app import create_app
+
+    return create_app(_settings("serve"))
+
+
+@main.command()
+@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64))
+def serve(host: str, port: int, workers: int) -> None:
+    """HTTP: receiver, read API, operations endpoints."""
+    _settings("serve")  # refuse to start half-configured, before forking anything
+    uvicorn.run(
+        "service.cli:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,
+        access_log=False,
+        proxy_headers=True,
+        timeout_graceful_shutdown=20,
+    )
+
+
+@main.command()
+def worker() -> None:
+    """The arq worker: apply wake-ups, sweep."""
+    from service.worker import create_worker
+
+    settings = _settings("worker")
+    create_worker(settings).run()
+
+
+@main.command()
+@click.option("--data-dir", default=".hatched-mirror", show_default=True, type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+def dev(data_dir: str, host: str, port: int) -> None:
+    """Everything in one process: migrations, receiver, read API, worker.
+
+    Uses DATABASE_URL / REDIS_URL when set, else embedded Postgres and Redis under --data-dir.
+    """
+    from service.embedded import embedded_services
+
+    os.environ.setdefault("HATCHED_WEBHOOK_SECRETS", DEV_SECRET)
+    os.environ.setdefault("MIRROR_API_TOKENS", DEV_API_TOKEN)
+    os.environ.setdefault("MIRROR_ADMIN_TOKENS", DEV_ADMIN_TOKEN)
+    os.environ.setdefault("MIRROR_LOG_FORMAT", "console")
+    base = load_settings()
+    if base.database_url and base.redis_url:
+        _run_dev(base, host, port)
+        return
+    click.echo(f"starting embedded Postgres and Redis under {data_dir}/ ...")
+    with embedded_services(Path(data_dir).resolve()) as (pg_url, redis_url):
+        settings = load_settings(
+            DATABASE_URL=base.database_url or pg_url, REDIS_URL=base.redis_url or redis_url
+        )
+        _run_dev(settings, host, port)
+
+
+def _run_dev(settings: Settings, host: str, port: int) -> None:
+    from service.app import create_app
+    from service.worker import create_worker
+
+    logs.configure(settings.log_format)
+    assert settings.database_url is not None
+    asyncio.run(_migrate(settings.database_url))
+    url = f"http://{host}:{port}"
+    click.echo(
+        "\n".join(
+            [
+                "",
+                "hatched-mirror dev is running",
+                f"  webhook endpoint : {url}/webhooks/hatched",
+                f"  read API         : {url}/v1/buddies/{{buddy_id}}",
+                f"  webhook secret   : {settings.webhook_secrets[0]}",
+                f"  API token        : {settings.api_tokens[0]}",
+                f"  admin token      : {(settings.admin_tokens or ['(none)'])[0]}",
+                f"  DATABASE_URL     : {settings.database_url}",
+                f"  REDIS_URL        : {settings.redis_url}",
+                "  try              : hatched-mirror send-test-event buddy.hatched",
+                "",
+            ]
+        )
+    )
+
+    async def run() -> None:
+        server = uvicorn.Server(
+            uvicorn.Config(create_app(settings), host=host, port=port, log_config=None)
+        )
+        worker = create_worker(settings, handle_signals=False)
+        worker_task = asyncio.create_task(worker.main())
+        try:
+            await server.serve()
+        finally:
+            worker_task.cancel()
+            await asyncio.gather(worker_task, return_exceptions=True)
+            await worker.close()
+
+    asyncio.run(run())
+
+
+@main.command("send-test-event")
+@click.argument("event_type")
+@click.option("--buddy-id", default="buddy_01HXA7Q2M9K3", show_default=True)
+@click.option("--url", default="http://127.0.0.1:8000/webhooks/hatched", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["v1", "v2"]), default="v2", show_default=True)
+@click.option("--secret", default=None, help="default: first of HATCHED_WEBHOOK_SECRETS")
+@click.option("--data", "data_json", default=None, help="JSON object of payload fields")
+def send_test_event(
+    event_type: str, buddy_id: str, url: str, fmt: str, secret: str | None, data_json: str | None
+) -> None:
+    """Sign and POST a sample delivery, the way `stripe trigger` does."""
+    from service.samples import SAMPLE_TYPES, build_delivery
+
+    try:
+        secrets = load_settings().webhook_secrets
+    except ConfigError:
+        secrets = []
+    secret = secret or (secrets[0] if secrets else DEV_SECRET)
+    data = orjson.loads(data_json) if data_json else None
+    try:
+        headers, body = build_delivery(
+            event_type, "v1" if fmt == "v1" else "v2", secret=secret, buddy_id=buddy_id, data=data
+        )
+    except ValueError as exc:
+        raise click.ClickException(f"{exc}; known types: {', '.join(SAMPLE_TYPES)}") from None
+    try:
+        response = httpx.post(url, content=body, headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"could not POST to {url}: {exc}") from None
+    click.echo(f"{response.status_code} {response.text}")
+    if response.status_code >= 300:
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,101 @@
+"""One settings object, read from the environment (and `.env`), built once and passed in."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Comma-separated lists arrive as plain strings; NoDecode stops pydantic-settings from
+# trying to read them as JSON first.
+CsvList = Annotated[list[str], NoDecode]
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every variable of the contract, plus the bounds the service runs within."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    database_url: str | None = Field(default=None, alias="DATABASE_URL")
+    redis_url: str | None = Field(default=None, alias="REDIS_URL")
+    webhook_secrets: CsvList = Field(default_factory=list, alias="HATCHED_WEBHOOK_SECRETS")
+    signature_tolerance_s: int = Field(default=300, ge=1, alias="HATCHED_SIGNATURE_TOLERANCE_S")
+    api_tokens: CsvList = Field(default_factory=list, alias="MIRROR_API_TOKENS")
+    admin_tokens: CsvList = Field(default_factory=list, alias="MIRROR_ADMIN_TOKENS")
+    hatched_api_url: str | None = Field(default=None, alias="HATCHED_API_URL")
+    hatched_api_key: str | None = Field(default=None, alias="HATCHED_API_KEY")
+    hatched_api_rate_per_min: int = Field(default=100, ge=1, alias="HATCHED_API_RATE_PER_MIN")
+    cors_origins: CsvList = Field(default_factory=list, alias="MIRROR_CORS_ORIGINS")
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, alias="MIRROR_MAX_BODY_BYTES")
+
+    # Additions to the contract (documented in the README).
+    shards: int = Field(default=32, ge=1, le=4096, alias="MIRROR_SHARDS")
+    apply_batch_size: int = Field(default=500, ge=1, le=10_000, alias="MIRROR_APPLY_BATCH_SIZE")
+    sweep_after_s: float = Field(default=5.0, gt=0, alias="MIRROR_SWEEP_AFTER_S")
+    worker_poll_s: float = Field(default=0.02, gt=0, le=5, alias="MIRROR_WORKER_POLL_S")
+    db_pool_size: int = Field(default=10, ge=1, le=200, alias="MIRROR_DB_POOL_SIZE")
+    db_timeout_s: float = Field(default=2.0, gt=0, alias="MIRROR_DB_TIMEOUT_S")
+    redis_timeout_s: float = Field(default=0.5, gt=0, alias="MIRROR_REDIS_TIMEOUT_S")
+    queue_name: str = Field(default="hatched-mirror", min_length=1, alias="MIRROR_QUEUE_NAME")
+    log_format: str = Field(default="json", pattern="^(json|console)$", alias="MIRROR_LOG_FORMAT")
+
+    @field_validator("webhook_secrets", "api_tokens", "admin_tokens", "cors_origins", mode="before")
+    @classmethod
+    def _csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_dsn(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgres://", "postgresql://")):
+            raise ValueError("must be a postgresql:// DSN")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_dsn(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis:// URL")
+        return value
+
+    @property
+    def hatched_api_enabled(self) -> bool:
+        return bool(self.hatched_api_url and self.hatched_api_key)
+
+
+# What each command cannot run without; checked before anything starts.
+REQUIRED = {
+    "serve": ("DATABASE_URL", "REDIS_URL", "HATCHED_WEBHOOK_SECRETS", "MIRROR_API_TOKENS"),
+    "worker": ("DATABASE_URL", "REDIS_URL"),
+    "migrate": ("DATABASE_URL",),
+}
+
+
+class ConfigError(Exception):
+    """A missing or malformed variable; the message names it."""
+
+
+def load_settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = ".".join(str(part) for part in err["loc"])
+            problems.append(f"{name}: {err['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def require(settings: Settings, command: str) -> None:
+    """Refuse to start half-configured: name every variable the command still needs."""
+    fields = {f.alias: name for name, f in Settings.model_fields.items() if f.alias}
+    missing = [var for var in REQUIRED.get(command, ()) if not getattr(settings, fields[var])]
+    if missing:
+        raise ConfigError(f"`{command}` needs {', '.join(missing)} (missing or empty)")

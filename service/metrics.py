@@ -1,0 +1,39 @@
+"""Prometheus metrics. Labels stay low-cardinality: event types are a closed set."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from service.events import KNOWN_TYPES
+
+DELIVERIES = Counter(
+    "hatched_deliveries_total",
+    "Webhook deliveries answered by the receiver, by event type and outcome.",
+    ["type", "outcome"],
+)
+SIGNATURE_FAILURES = Counter(
+    "hatched_signature_failures_total", "Deliveries refused for their signature.", ["code"]
+)
+APPLIED = Counter(
+    "hatched_apply_deliveries_total", "Deliveries finished by the worker, by status.", ["status"]
+)
+APPLY_BATCH = Histogram(
+    "hatched_apply_batch_size",
+    "Deliveries per apply transaction.",
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500),
+)
+APPLY_SECONDS = Histogram("hatched_apply_seconds", "Time to drain one shard wake-up.")
+INCONSISTENCIES = Counter(
+    "hatched_balance_inconsistencies_total",
+    "Balances that did not follow from the previous one (a missed or reordered event).",
+)
+INBOX_LAG = Gauge(
+    "hatched_inbox_lag_seconds", "Age of the oldest delivery still waiting to be applied."
+)
+INBOX_PENDING = Gauge("hatched_inbox_pending", "Deliveries waiting to be applied.")
+DEAD = Gauge("hatched_inbox_dead", "Deliveries in status dead, waiting for a replay.")
+SWEPT = Counter("hatched_sweep_wakeups_total", "Shards re-woken by the sweeper.")
+
+
+def type_label(event_type: str | None) -> str:
+    return event_type if event_type in KNOWN_TYPES else "other"

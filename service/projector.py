@@ -1,0 +1,362 @@
+"""Pure state transitions: (buddy state, events) -> new buddy state and ledger entries.
+
+Live apply, replay and rebuild all call `project`, so they cannot disagree. Every mirrored field
+remembers the order key of the event that last set it (`Buddy.clock`) and an event only
+overwrites a field when its key is newer, so any arrival order of the same events converges.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from service.events import Event
+
+# (occurred_at in epoch microseconds, inbox seq): the seq breaks ties by receipt order.
+Key = tuple[int, int]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_BADGE_RANK = {"ready": 1, "awarded": 2}
+
+
+def order_key(event: Event, seq: int) -> Key:
+    return ((event.occurred_at - _EPOCH) // timedelta(microseconds=1), seq)
+
+
+def iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class Buddy:
+    """The mirrored state of one buddy: the `buddies` row, column for column."""
+
+    buddy_id: str
+    user_id: str | None = None
+    audience: str | None = None
+    egg_id: str | None = None
+    name: str | None = None
+    status: str | None = None
+    config_version_id: str | None = None
+    evolution_stage: int | None = None
+    image_url: str | None = None
+    thumb_url: str | None = None
+    base_image_url: str | None = None
+    coins: int | None = None
+    tokens: dict[str, int] = field(default_factory=dict)
+    skills: dict[str, dict[str, Any]] = field(default_factory=dict)
+    badges: dict[str, dict[str, Any]] = field(default_factory=dict)
+    streaks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    items_owned: list[str] = field(default_factory=list)
+    items_equipped: list[str] = field(default_factory=list)
+    appearance: dict[str, Any] | None = None
+    progression: dict[str, Any] | None = None
+    hatched_at: datetime | None = None
+    last_event_at: datetime | None = None
+    refreshed_at: datetime | None = None
+    # Internal bookkeeping: order keys per field, pending token deltas. Never served.
+    clock: dict[str, Any] = field(default_factory=dict)
+
+
+STATE_FIELDS = tuple(f.name for f in fields(Buddy))
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    delivery_id: str
+    seq: int
+    buddy_id: str
+    currency: str
+    amount: int
+    balance_after: int | None
+    reason: str | None
+    reference_id: str | None
+    ledger_id: str | None
+    is_lucky: bool | None
+    occurred_at: datetime
+
+
+@dataclass
+class Outcome:
+    buddy: Buddy
+    ledger: list[LedgerEntry] = field(default_factory=list)
+    # Rule 5: a balance that does not follow from the previous one means a missed or
+    # reordered event; the worker counts these and may schedule a REST refresh.
+    inconsistencies: int = 0
+
+
+def project(state: Buddy | None, buddy_id: str, events: Iterable[tuple[int, Event]]) -> Outcome:
+    """Apply `(seq, event)` pairs to a copy of `state` (None: a buddy seen for the first time)."""
+    buddy = copy.deepcopy(state) if state is not None else Buddy(buddy_id=buddy_id)
+    outcome = Outcome(buddy=buddy)
+    for seq, event in events:
+        _apply(outcome, event, seq)
+    return outcome
+
+
+def public_view(buddy: Buddy, version: int, updated_at: datetime) -> dict[str, Any]:
+    """The buddy object of the contract: sorted lists, null for unknown, {} for empty maps."""
+    return {
+        "buddy_id": buddy.buddy_id,
+        "user_id": buddy.user_id,
+        "audience": buddy.audience,
+        "egg_id": buddy.egg_id,
+        "name": buddy.name,
+        "status": buddy.status,
+        "config_version_id": buddy.config_version_id,
+        "evolution_stage": buddy.evolution_stage,
+        "image_url": buddy.image_url,
+        "thumb_url": buddy.thumb_url,
+        "base_image_url": buddy.base_image_url,
+        "coins": buddy.coins,
+        "tokens": dict(sorted(buddy.tokens.items())),
+        "skills": dict(sorted(buddy.skills.items())),
+        "badges": dict(sorted(buddy.badges.items())),
+        "streaks": dict(sorted(buddy.streaks.items())),
+        "items": {"owned": sorted(buddy.items_owned), "equipped": sorted(buddy.items_equipped)},
+        "appearance": buddy.appearance,
+        "progression": buddy.progression,
+        "hatched_at": _iso_or_none(buddy.hatched_at),
+        "last_event_at": _iso_or_none(buddy.last_event_at),
+        "refreshed_at": _iso_or_none(buddy.refreshed_at),
+        "updated_at": iso(updated_at),
+        "version": version,
+    }
+
+
+def mirrored(buddy: Buddy) -> tuple[Any, ...]:
+    """What a reader can see; the version grows only when this changes."""
+    return tuple(getattr(buddy, name) for name in STATE_FIELDS if name != "clock")
+
+
+def _iso_or_none(dt: datetime | None) -> str | None:
+    return iso(dt) if dt is not None else None
+
+
+# --- per-event effects ---------------------------------------------------------------------
+
+
+def _newer(buddy: Buddy, path: str, key: Key) -> bool:
+    """Last-writer-wins gate for one field: claims it for `key` when `key` is newer."""
+    current = buddy.clock.get(path)
+    if current is not None and tuple(current) >= key:
+        return False
+    buddy.clock[path] = list(key)
+    return True
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def _apply(outcome: Outcome, event: Event, seq: int) -> None:
+    buddy = outcome.buddy
+    key = order_key(event, seq)
+    data = event.data
+    kind = event.type
+
+    if buddy.last_event_at is None or event.occurred_at > buddy.last_event_at:
+        buddy.last_event_at = event.occurred_at
+    # Any event may carry the owner; the hatch is just the usual one.
+    user_id = _str(data.get("user_id"))
+    if user_id is not None and _newer(buddy, "user_id", key):
+        buddy.user_id = user_id
+
+    if kind == "buddy.hatched":
+        _hatched(buddy, event, key)
+    elif kind == "buddy.evolved":
+        stage = _int(data.get("new_stage"))
+        if stage is None:
+            stage = _int(data.get("evolution_stage"))
+        _stage(buddy, stage, _str(data.get("image_url")), key)
+    elif kind in ("coins.earned", "coins.spent", "token.earned", "token.spent"):
+        _currency(outcome, event, seq, key)
+    elif kind == "skill.leveled":
+        _skill(buddy, data, key, level=_int(data.get("to_level")), value=_int(data.get("value")))
+    elif kind == "skill.decayed":
+        level = _int(data.get("new_level", data.get("level")))
+        _skill(buddy, data, key, level=level, value=_int(data.get("new_value")))
+    elif kind in ("badge.ready", "badge.awarded"):
+        _badge(buddy, event, key)
+    elif kind.startswith("streak."):
+        _streak(buddy, event, key)
+    elif kind.startswith("marketplace."):
+        _item(buddy, event, key)
+
+
+def _hatched(buddy: Buddy, event: Event, key: Key) -> None:
+    data = event.data
+    for name in ("egg_id", "name", "audience", "config_version_id", "thumb_url"):
+        value = _str(data.get(name))
+        if value is not None and _newer(buddy, name, key):
+            setattr(buddy, name, value)
+    if _newer(buddy, "hatched_at", key):
+        buddy.hatched_at = event.occurred_at
+    if _newer(buddy, "status", key):
+        buddy.status = "active"
+    stage = _int(data.get("evolution_stage"))
+    _stage(buddy, stage if stage is not None else 1, _str(data.get("image_url")), key)
+
+
+def _stage(buddy: Buddy, stage: int | None, image_url: str | None, key: Key) -> None:
+    if stage is None:
+        return
+    if buddy.evolution_stage is None or stage > buddy.evolution_stage:
+        buddy.evolution_stage = stage
+    # The image follows the event with the highest stage, then the newest one.
+    rank = [stage, *key]
+    current = buddy.clock.get("image")
+    if image_url is not None and (current is None or rank > current):
+        buddy.clock["image"] = rank
+        buddy.image_url = image_url
+
+
+def _currency(outcome: Outcome, event: Event, seq: int, key: Key) -> None:
+    buddy, data = outcome.buddy, event.data
+    is_coins = event.type.startswith("coins.")
+    currency = "coins" if is_coins else _str(data.get("token_type"))
+    amount = _int(data.get("amount"))
+    if currency is None or amount is None:
+        return
+    signed = -abs(amount) if event.type.endswith(".spent") else abs(amount)
+    balance = _int(data.get("balance"))
+    outcome.ledger.append(
+        LedgerEntry(
+            delivery_id=event.delivery_id,
+            seq=seq,
+            buddy_id=buddy.buddy_id,
+            currency=currency,
+            amount=signed,
+            balance_after=balance,
+            reason=_str(data.get("reason")),
+            reference_id=_str(data.get("reference_id")),
+            ledger_id=_str(data.get("ledger_id")),
+            is_lucky=data.get("is_lucky") if isinstance(data.get("is_lucky"), bool) else None,
+            occurred_at=event.occurred_at,
+        )
+    )
+    slot = f"cur:{currency}"
+    entry = buddy.clock.get(slot)
+    previous = _balance(entry) if entry is not None else None
+    if balance is not None:
+        base_key = entry["k"] if entry is not None else None
+        if base_key is not None and tuple(base_key) >= key:
+            return
+        if previous is not None and base_key is not None and previous != balance - signed:
+            outcome.inconsistencies += 1
+        # Deltas newer than this balance still apply on top of it; older ones are inside it.
+        later = [d for d in (entry["d"] if entry else []) if (d[0], d[1]) > key]
+        entry = {"k": list(key), "b": balance, "d": later}
+    else:
+        # No balance in the payload (token events may omit it): count the movement itself,
+        # remembering its key so a later-arriving balance can tell what it already includes.
+        entry = entry if entry is not None else {"k": None, "b": 0, "d": []}
+        if entry["k"] is not None and tuple(entry["k"]) >= key:
+            return
+        if any((d[0], d[1]) == key for d in entry["d"]):
+            return
+        entry["d"] = sorted([*entry["d"], [key[0], key[1], signed]])
+    buddy.clock[slot] = entry
+    value = _balance(entry)
+    if is_coins:
+        buddy.coins = value
+    else:
+        buddy.tokens = {**buddy.tokens, currency: value}
+
+
+def _balance(entry: dict[str, Any]) -> int:
+    return int(entry["b"]) + sum(int(d[2]) for d in entry["d"])
+
+
+def _skill(
+    buddy: Buddy, data: dict[str, Any], key: Key, *, level: int | None, value: int | None
+) -> None:
+    skill_key = _str(data.get("skill_key"))
+    if skill_key is None:
+        return
+    skill = dict(buddy.skills.get(skill_key, {"value": None, "level": None}))
+    if value is not None and _newer(buddy, f"skill:{skill_key}:value", key):
+        skill["value"] = value
+    if level is not None and _newer(buddy, f"skill:{skill_key}:level", key):
+        skill["level"] = level
+    buddy.skills = {**buddy.skills, skill_key: skill}
+
+
+def _badge(buddy: Buddy, event: Event, key: Key) -> None:
+    badge_id = _str(event.data.get("badge_id"))
+    if badge_id is None:
+        return
+    status = "awarded" if event.type == "badge.awarded" else "ready"
+    # `awarded` beats `ready` whatever the order; within one status the newest wins.
+    rank = [_BADGE_RANK[status], *key]
+    current = buddy.clock.get(f"badge:{badge_id}")
+    if current is not None and current >= rank:
+        return
+    buddy.clock[f"badge:{badge_id}"] = rank
+    awarded_at = None
+    if status == "awarded":
+        awarded_at = iso(_parse_time(event.data.get("awarded_at")) or event.occurred_at)
+    buddy.badges = {**buddy.badges, badge_id: {"status": status, "awarded_at": awarded_at}}
+
+
+def _streak(buddy: Buddy, event: Event, key: Key) -> None:
+    data = event.data
+    streak_key = _str(data.get("streak_key"))
+    if streak_key is None:
+        return
+    streak = dict(buddy.streaks.get(streak_key, {"count": None, "last_milestone": None}))
+    count = _int(data.get("count"))
+    if event.type == "streak.burned" and count is None:
+        count = 0
+    if count is not None and _newer(buddy, f"streak:{streak_key}:count", key):
+        streak["count"] = count
+    if event.type == "streak.milestone":
+        milestone = _int(data.get("milestone"))
+        milestone = milestone if milestone is not None else count
+        if milestone is not None and _newer(buddy, f"streak:{streak_key}:milestone", key):
+            streak["last_milestone"] = milestone
+    buddy.streaks = {**buddy.streaks, streak_key: streak}
+
+
+def _item(buddy: Buddy, event: Event, key: Key) -> None:
+    item_id = _str(event.data.get("item_id"))
+    if item_id is None:
+        return
+    # Ownership only grows through webhooks; a REST refresh is the way to drop items.
+    owns = event.type in ("marketplace.purchased", "marketplace.equipped")
+    if owns and item_id not in buddy.items_owned:
+        buddy.items_owned = sorted([*buddy.items_owned, item_id])
+    if event.type == "marketplace.purchased":
+        return
+    equipped = event.type == "marketplace.equipped"
+    if _newer(buddy, f"equip:{item_id}", key):
+        others = [i for i in buddy.items_equipped if i != item_id]
+        buddy.items_equipped = sorted([*others, item_id] if equipped else others)

@@ -1,0 +1,107 @@
+"""Wake-ups: tell the workers that a shard has pending deliveries.
+
+One arq job per delivery would cap a worker near 670 deliveries/s, so a job means "this shard
+has work" and drains whatever is pending. A Redis key per shard (`SET NX`) keeps at most one
+wake-up waiting per shard: the job deletes the key only once it holds the shard's lock, so a
+delivery stored after that deletion always finds the key free and enqueues the next wake-up,
+and one stored before it is drained by the job that is about to run. Nothing is lost when
+Redis is not there at all: the rows are in Postgres and the sweeper re-enqueues them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+
+import structlog
+from arq.connections import ArqRedis, RedisSettings, create_pool
+
+log = structlog.get_logger(__name__)
+
+APPLY_JOB = "apply_shard"
+WAKE_TTL_S = 60
+
+
+def shard_of(buddy_id: str, shards: int) -> int:
+    # crc32 is stable across processes and Python versions (hash() is salted).
+    return zlib.crc32(buddy_id.encode()) % shards
+
+
+def wake_key(queue_name: str, shard: int) -> str:
+    return f"{queue_name}:wake:{shard}"
+
+
+def redis_settings(url: str, timeout_s: float) -> RedisSettings:
+    settings = RedisSettings.from_dsn(url)
+    settings.conn_timeout = max(1, round(timeout_s))
+    settings.conn_retries = 0
+    return settings
+
+
+class Waker:
+    """The receiver's side of wake-ups: lazy, bounded in time, never raising.
+
+    After a failure it stays quiet for a second so a dead Redis costs the receiver nothing.
+    """
+
+    def __init__(self, url: str, queue_name: str, timeout_s: float) -> None:
+        self._url = url
+        self._queue = queue_name
+        self._timeout = timeout_s
+        self._redis: ArqRedis | None = None
+        self._retry_at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def _pool(self) -> ArqRedis | None:
+        if self._redis is not None:
+            return self._redis
+        if time.monotonic() < self._retry_at:
+            return None
+        async with self._lock:
+            if self._redis is None and time.monotonic() >= self._retry_at:
+                try:
+                    self._redis = await asyncio.wait_for(
+                        create_pool(
+                            redis_settings(self._url, self._timeout),
+                            default_queue_name=self._queue,
+                        ),
+                        self._timeout * 2,
+                    )
+                except (OSError, TimeoutError, ConnectionError) as exc:
+                    self._fail(exc)
+            return self._redis
+
+    def _fail(self, exc: BaseException) -> None:
+        log.warning("redis_unavailable", error=repr(exc))
+        self._retry_at = time.monotonic() + 1.0
+
+    async def wake(self, shard: int) -> bool:
+        """True when a wake-up is queued or already pending; False when Redis failed."""
+        redis = await self._pool()
+        if redis is None:
+            return False
+        try:
+            async with asyncio.timeout(self._timeout):
+                if await redis.set(wake_key(self._queue, shard), b"1", nx=True, ex=WAKE_TTL_S):
+                    await redis.enqueue_job(APPLY_JOB, shard, _queue_name=self._queue)
+            return True
+        except Exception as exc:  # any Redis failure: the sweeper covers it
+            self._fail(exc)
+            return False
+
+    async def ping(self) -> bool:
+        redis = await self._pool()
+        if redis is None:
+            return False
+        try:
+            async with asyncio.timeout(self._timeout):
+                return bool(await redis.ping())
+        except Exception as exc:
+            self._fail(exc)
+            return False
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None

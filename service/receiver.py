@@ -1,0 +1,109 @@
+"""POST /webhooks/hatched: verify, store durably, wake a worker, answer. Nothing else."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import asyncpg
+import orjson
+import structlog
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service import metrics, store
+from service.events import parse_delivery
+from service.problems import Problem, unavailable
+from service.queue import shard_of
+from service.signatures import SignatureError, verify
+from service.state import AppState
+
+log = structlog.get_logger(__name__)
+
+# Only these headers matter for replay; the rest (proxies, tracing) is not worth storing.
+_KEPT_PREFIXES = ("x-hatched-", "hatched-")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refusing to read past `limit` bytes (Content-Length may lie or be absent)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> Problem:
+    return Problem(413, "payload_too_large", "Payload too large", f"body exceeds {limit} bytes")
+
+
+async def receive(request: Request) -> Response:
+    state: AppState = request.app.state.mirror
+    settings = state.settings
+    body = await read_body(request, settings.max_body_bytes)
+    try:
+        verified = verify(
+            body,
+            request.headers,
+            settings.webhook_secrets,
+            time.time(),
+            settings.signature_tolerance_s,
+        )
+    except SignatureError as exc:
+        metrics.SIGNATURE_FAILURES.labels(code=exc.code).inc()
+        raise Problem(401, exc.code, "Signature rejected", str(exc)) from None
+
+    signed_at = datetime.fromtimestamp(verified.timestamp, UTC)
+    parsed = parse_delivery(body, request.headers, verified.format, signed_at)
+    event = parsed.event
+    delivery = store.NewDelivery(
+        delivery_id=parsed.delivery_id,
+        format=verified.format,
+        event_type=event.type if event is not None else parsed.raw_type,
+        event_id=event.event_id if event is not None else None,
+        buddy_id=parsed.buddy_id,
+        shard=shard_of(parsed.buddy_id, settings.shards) if parsed.buddy_id else 0,
+        occurred_at=event.occurred_at if event is not None else None,
+        signed_at=signed_at,
+        headers={k: v for k, v in request.headers.items() if k.startswith(_KEPT_PREFIXES)},
+        body=body,
+        status=parsed.status,
+        reason=parsed.reason,
+    )
+    try:
+        seq = await store.insert_delivery(state.pool, delivery)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        log.error("inbox_unavailable", delivery_id=parsed.delivery_id, error=repr(exc))
+        metrics.DELIVERIES.labels(type=metrics.type_label(delivery.event_type), outcome="503").inc()
+        raise unavailable("the inbox database is unreachable; retry later") from None
+
+    log_ = log.bind(delivery_id=parsed.delivery_id, buddy_id=parsed.buddy_id)
+    if seq is None:
+        metrics.DELIVERIES.labels(
+            type=metrics.type_label(delivery.event_type), outcome="duplicate"
+        ).inc()
+        log_.info("delivery_duplicate")
+        return _json({"delivery_id": parsed.delivery_id, "status": "duplicate"}, 200)
+
+    metrics.DELIVERIES.labels(
+        type=metrics.type_label(delivery.event_type), outcome=parsed.status
+    ).inc()
+    log_.info("delivery_stored", seq=seq, status=parsed.status, reason=parsed.reason)
+    task = None
+    if parsed.status == "accepted":
+        # After the answer: Hatched's 10 s budget should not pay for a Redis round trip.
+        task = BackgroundTask(state.waker.wake, delivery.shard)
+    return _json({"delivery_id": parsed.delivery_id, "status": parsed.status}, 202, task)
+
+
+def _json(payload: dict[str, str], status: int, task: BackgroundTask | None = None) -> Response:
+    return Response(
+        orjson.dumps(payload), status_code=status, media_type="application/json", background=task
+    )

@@ -1,0 +1,16 @@
+"""What the HTTP app shares across requests: settings and the clients the lifespan owns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.config import Settings
+from service.queue import Waker
+from service.store import Pool
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    pool: Pool
+    waker: Waker

@@ -1,0 +1,312 @@
+"""Postgres: SQL kept as SQL, each statement beside the one function that runs it."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import astuple, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TypeAlias
+
+import asyncpg
+import orjson
+
+from service.projector import STATE_FIELDS, Buddy, LedgerEntry
+
+Pool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"
+Conn: TypeAlias = (
+    "asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
+)
+# Either runs a single statement; a pool borrows a connection for it.
+Executor: TypeAlias = "Conn | Pool"
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+NOTIFY_CHANNEL = "hatched_mirror_buddies"
+# Any fixed 64-bit number; every replica running `migrate` serialises on it.
+MIGRATION_LOCK = 7_311_200_415
+# Shard locks live in their own advisory-lock space (two-key form) so they never meet the above.
+SHARD_LOCK_SPACE = 73_112
+
+
+async def _init_connection(conn: Conn) -> None:
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=lambda v: b"\x01" + orjson.dumps(v),
+        decoder=lambda b: orjson.loads(b[1:]),
+        schema="pg_catalog",
+        format="binary",
+    )
+
+
+async def create_pool(dsn: str, *, size: int, timeout_s: float, min_size: int = 0) -> Pool:
+    """A pool that starts without connecting, so a process comes up while Postgres is down."""
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min(min_size, size),
+        max_size=size,
+        timeout=timeout_s,
+        command_timeout=max(timeout_s, 30.0),
+        init=_init_connection,
+    )
+    assert pool is not None
+    return pool
+
+
+# --- migrations ----------------------------------------------------------------------------
+
+CREATE_MIGRATIONS = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    text PRIMARY KEY,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE schema_migrations IS 'Applied sql/ migrations with the sha256 of each file.';
+"""
+
+
+class MigrationError(Exception):
+    pass
+
+
+def migration_files(sql_dir: Path = SQL_DIR) -> list[tuple[str, str, str]]:
+    """(version, checksum, sql) in order; a released file must never change."""
+    out = []
+    for path in sorted(sql_dir.glob("[0-9][0-9][0-9][0-9]_*.sql")):
+        text = path.read_text()
+        out.append((path.stem, hashlib.sha256(text.encode()).hexdigest(), text))
+    return out
+
+
+async def migrate(conn: Conn, sql_dir: Path = SQL_DIR) -> list[str]:
+    """Apply pending migrations under an advisory lock; returns the versions applied now."""
+    applied_now = []
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+    try:
+        await conn.execute(CREATE_MIGRATIONS)
+        done = {
+            r["version"]: r["checksum"]
+            for r in await conn.fetch("SELECT version, checksum FROM schema_migrations")
+        }
+        for version, checksum, text in migration_files(sql_dir):
+            if version in done:
+                if done[version] != checksum:
+                    raise MigrationError(f"migration {version} changed after it was applied")
+                continue
+            async with conn.transaction():
+                await conn.execute(text)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)",
+                    version,
+                    checksum,
+                )
+            applied_now.append(version)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+    return applied_now
+
+
+# --- the inbox -----------------------------------------------------------------------------
+
+INSERT_DELIVERY = """
+INSERT INTO deliveries (delivery_id, format, event_type, event_id, buddy_id, shard,
+                        occurred_at, signed_at, headers, body, status, reason, applied_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+        CASE WHEN $11 = 'accepted' THEN NULL ELSE now() END)
+ON CONFLICT (delivery_id) DO NOTHING
+RETURNING seq
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class NewDelivery:
+    delivery_id: str
+    format: str
+    event_type: str | None
+    event_id: str | None
+    buddy_id: str | None
+    shard: int
+    occurred_at: datetime | None
+    signed_at: datetime
+    headers: dict[str, str]
+    body: bytes
+    status: str
+    reason: str | None
+
+
+async def insert_delivery(conn: Executor, d: NewDelivery) -> int | None:
+    """The seq of the stored row, or None when the delivery id was already stored."""
+    seq: int | None = await conn.fetchval(INSERT_DELIVERY, *astuple(d))
+    return seq
+
+
+CLAIM_BATCH = """
+SELECT seq, delivery_id, format, headers, body, signed_at, attempts
+FROM deliveries
+WHERE shard = $1 AND status = 'accepted'
+  AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+ORDER BY seq
+LIMIT $2
+FOR UPDATE SKIP LOCKED
+"""
+
+
+async def claim_batch(conn: Conn, shard: int, limit: int) -> list[asyncpg.Record]:
+    return list(await conn.fetch(CLAIM_BATCH, shard, limit))
+
+
+CLAIM_SEQS = """
+SELECT seq, delivery_id, format, headers, body, signed_at, attempts
+FROM deliveries
+WHERE seq = ANY($1::bigint[]) AND status = 'accepted'
+ORDER BY seq
+FOR UPDATE SKIP LOCKED
+"""
+
+
+async def claim_seqs(conn: Conn, seqs: Sequence[int]) -> list[asyncpg.Record]:
+    return list(await conn.fetch(CLAIM_SEQS, list(seqs)))
+
+
+SEEN_EVENT_IDS = """
+SELECT DISTINCT event_id FROM deliveries
+WHERE event_id = ANY($1::text[]) AND status = 'applied'
+"""
+
+
+async def seen_event_ids(conn: Conn, event_ids: Sequence[str]) -> set[str]:
+    if not event_ids:
+        return set()
+    return {r["event_id"] for r in await conn.fetch(SEEN_EVENT_IDS, list(event_ids))}
+
+
+FINISH_DELIVERIES = """
+UPDATE deliveries AS d
+SET status = u.status, reason = u.reason, attempts = d.attempts + 1,
+    applied_at = now(), next_attempt_at = NULL
+FROM unnest($1::bigint[], $2::text[], $3::text[]) AS u(seq, status, reason)
+WHERE d.seq = u.seq
+"""
+
+
+async def finish_deliveries(conn: Conn, outcomes: Iterable[tuple[int, str, str | None]]) -> None:
+    seqs, statuses, reasons = [], [], []
+    for seq, status, reason in outcomes:
+        seqs.append(seq)
+        statuses.append(status)
+        reasons.append(reason)
+    if seqs:
+        await conn.execute(FINISH_DELIVERIES, seqs, statuses, reasons)
+
+
+RETRY_DELIVERIES = """
+UPDATE deliveries
+SET attempts = attempts + 1, reason = $2,
+    status = CASE WHEN attempts + 1 >= $3 THEN 'dead' ELSE 'accepted' END,
+    applied_at = CASE WHEN attempts + 1 >= $3 THEN now() END,
+    next_attempt_at = CASE WHEN attempts + 1 >= $3 THEN NULL
+                      ELSE now() + make_interval(secs => $4 * power(2, attempts)) END
+WHERE seq = ANY($1::bigint[])
+"""
+
+
+async def retry_deliveries(
+    conn: Conn, seqs: Sequence[int], reason: str, max_attempts: int, backoff_s: float
+) -> None:
+    """A failed attempt: back off exponentially, and give up as `dead` after `max_attempts`."""
+    await conn.execute(RETRY_DELIVERIES, list(seqs), reason, max_attempts, backoff_s)
+
+
+STALLED_SHARDS = """
+SELECT DISTINCT shard FROM deliveries
+WHERE status = 'accepted'
+  AND received_at < now() - make_interval(secs => $1)
+  AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+"""
+
+
+async def stalled_shards(conn: Executor, older_than_s: float) -> list[int]:
+    return [r["shard"] for r in await conn.fetch(STALLED_SHARDS, older_than_s)]
+
+
+# --- buddies -------------------------------------------------------------------------------
+
+_COLUMNS = ", ".join(STATE_FIELDS)
+LOCK_BUDDIES = f"""
+SELECT {_COLUMNS}, version FROM buddies
+WHERE buddy_id = ANY($1::text[])
+ORDER BY buddy_id
+FOR UPDATE
+"""
+
+
+def _buddy(record: asyncpg.Record) -> Buddy:
+    return Buddy(**{name: record[name] for name in STATE_FIELDS})
+
+
+async def lock_buddies(conn: Conn, buddy_ids: Iterable[str]) -> dict[str, tuple[Buddy, int]]:
+    """Current state and version of these buddies, row-locked in a fixed order (no deadlocks)."""
+    rows = await conn.fetch(LOCK_BUDDIES, sorted(set(buddy_ids)))
+    return {r["buddy_id"]: (_buddy(r), r["version"]) for r in rows}
+
+
+_PARAMS = ", ".join(f"${i}" for i in range(1, len(STATE_FIELDS) + 1))
+_N = len(STATE_FIELDS)
+_UPDATES = ", ".join(f"{name} = EXCLUDED.{name}" for name in STATE_FIELDS if name != "buddy_id")
+UPSERT_BUDDY = f"""
+INSERT INTO buddies ({_COLUMNS}, version)
+VALUES ({_PARAMS}, ${_N + 1})
+ON CONFLICT (buddy_id) DO UPDATE SET {_UPDATES},
+    version = EXCLUDED.version,
+    updated_at = CASE WHEN EXCLUDED.version <> buddies.version THEN now()
+                      ELSE buddies.updated_at END
+"""
+
+
+async def save_buddies(conn: Conn, rows: Sequence[tuple[Buddy, int]]) -> None:
+    """Write (state, version) pairs; `updated_at` moves only when the version did."""
+    if rows:
+        await conn.executemany(
+            UPSERT_BUDDY,
+            [(*(getattr(b, name) for name in STATE_FIELDS), v) for b, v in rows],
+        )
+
+
+NOTIFY = f"SELECT pg_notify('{NOTIFY_CHANNEL}', x) FROM unnest($1::text[]) AS x"
+
+
+async def notify_changed(conn: Conn, buddy_versions: Sequence[tuple[str, int]]) -> None:
+    """Sent at commit: `buddy_id:version` for the read API's live streams."""
+    if buddy_versions:
+        await conn.execute(NOTIFY, [f"{b}:{v}" for b, v in buddy_versions])
+
+
+INSERT_LEDGER = """
+INSERT INTO ledger (delivery_id, seq, buddy_id, currency, amount, balance_after, reason,
+                    reference_id, ledger_id, is_lucky, occurred_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+ON CONFLICT (delivery_id) DO NOTHING
+"""
+
+
+async def insert_ledger(conn: Conn, entries: Sequence[LedgerEntry]) -> None:
+    if entries:
+        await conn.executemany(INSERT_LEDGER, [astuple(e) for e in entries])
+
+
+GET_BUDDY = f"SELECT {_COLUMNS}, version, updated_at FROM buddies WHERE buddy_id = $1"
+
+
+async def get_buddy(conn: Executor, buddy_id: str) -> tuple[Buddy, int, datetime] | None:
+    row = await conn.fetchrow(GET_BUDDY, buddy_id)
+    if row is None:
+        return None
+    return _buddy(row), row["version"], row["updated_at"]
+
+
+GET_VERSION = "SELECT version FROM buddies WHERE buddy_id = $1"
+
+
+async def get_version(conn: Executor, buddy_id: str) -> int | None:
+    version: int | None = await conn.fetchval(GET_VERSION, buddy_id)
+    return version

@@ -1,0 +1,119 @@
+"""The arq worker: apply wake-ups per shard, a sweeper for anything left pending, metrics.
+
+Jobs may run more than once (a worker killed mid-batch, a sweep racing a wake-up); that is
+designed for: a batch commits or not as a whole, and rows already final are never claimed again.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import structlog
+from arq import cron
+from arq.worker import Worker, func
+
+from service import metrics, store
+from service.applier import ApplyLimits, drain_shard
+from service.config import Settings
+from service.queue import APPLY_JOB, WAKE_TTL_S, redis_settings, wake_key
+
+log = structlog.get_logger(__name__)
+
+INBOX_STATS = """
+SELECT count(*) FILTER (WHERE status = 'accepted') AS pending,
+       coalesce(extract(epoch FROM now() - min(received_at) FILTER (WHERE status = 'accepted')), 0)
+           AS lag_s,
+       count(*) FILTER (WHERE status = 'dead') AS dead
+FROM deliveries
+WHERE status IN ('accepted', 'dead')
+"""
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx["settings"]
+    assert settings.database_url is not None
+    ctx["pool"] = await store.create_pool(
+        settings.database_url, size=settings.db_pool_size, timeout_s=settings.db_timeout_s
+    )
+    ctx["limits"] = ApplyLimits(batch_size=settings.apply_batch_size)
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    pool = ctx.get("pool")
+    if pool is not None:
+        await pool.close()
+
+
+async def apply_shard(ctx: dict[str, Any], shard: int) -> int:
+    """Drain one shard. Holding the shard's advisory lock serialises jobs of the same shard."""
+    settings: Settings = ctx["settings"]
+    started = time.perf_counter()
+    async with ctx["pool"].acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock($1, $2)", store.SHARD_LOCK_SPACE, shard)
+        try:
+            # Only now may the next delivery enqueue another wake-up: everything stored
+            # before this point is drained by this job (see service/queue.py).
+            await ctx["redis"].delete(wake_key(settings.queue_name, shard))
+            result = await drain_shard(conn, shard, ctx["limits"])
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1, $2)", store.SHARD_LOCK_SPACE, shard)
+    metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
+    if result.claimed:
+        metrics.APPLY_BATCH.observe(result.claimed)
+    for status in ("applied", "duplicate", "dead"):
+        if count := getattr(result, status):
+            metrics.APPLIED.labels(status=status).inc(count)
+    if result.inconsistencies:
+        metrics.INCONSISTENCIES.inc(result.inconsistencies)
+    if result.claimed:
+        log.info(
+            "shard_drained",
+            shard=shard,
+            claimed=result.claimed,
+            applied=result.applied,
+            duplicate=result.duplicate,
+            retried=result.retried,
+        )
+    return result.claimed
+
+
+async def sweep(ctx: dict[str, Any]) -> int:
+    """Re-wake shards whose deliveries waited too long: a lost wake-up or a Redis outage."""
+    settings: Settings = ctx["settings"]
+    pool = ctx["pool"]
+    shards = await store.stalled_shards(pool, settings.sweep_after_s)
+    for shard in shards:
+        await ctx["redis"].set(wake_key(settings.queue_name, shard), b"1", ex=WAKE_TTL_S)
+        await ctx["redis"].enqueue_job(APPLY_JOB, shard, _queue_name=settings.queue_name)
+    if shards:
+        metrics.SWEPT.inc(len(shards))
+        log.warning("sweep_rewoke", shards=shards)
+    stats = await pool.fetchrow(INBOX_STATS)
+    metrics.INBOX_PENDING.set(stats["pending"])
+    metrics.INBOX_LAG.set(float(stats["lag_s"]))
+    metrics.DEAD.set(stats["dead"])
+    return len(shards)
+
+
+def create_worker(
+    settings: Settings, *, handle_signals: bool = True, burst: bool = False
+) -> Worker:
+    assert settings.redis_url is not None
+    every = max(1, round(settings.sweep_after_s / 2))
+    return Worker(
+        functions=[func(apply_shard, name=APPLY_JOB, max_tries=1000)],
+        cron_jobs=[cron(sweep, second=set(range(0, 60, every)), run_at_startup=True)],
+        redis_settings=redis_settings(settings.redis_url, settings.redis_timeout_s),
+        queue_name=settings.queue_name,
+        on_startup=startup,
+        on_shutdown=shutdown,
+        ctx={"settings": settings},
+        handle_signals=handle_signals,
+        burst=burst,
+        max_jobs=max(2, settings.db_pool_size - 1),
+        keep_result=0,
+        poll_delay=settings.worker_poll_s,
+        # SIGTERM: let the batch in hand commit before exiting.
+        job_completion_wait=30,
+    )
