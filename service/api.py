@@ -1,16 +1,86 @@
-"""Read API for the customer's frontends."""
+"""Read and admin API for the customer's frontends and operators."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
 import orjson
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import Response
 
 from service import store
 from service.auth import require_token
 from service.problems import Problem
-from service.projector import public_view
+from service.projector import Buddy, iso, public_view
 from service.state import AppState
+
+MAX_LIMIT = 200
+DEFAULT_LIMIT = 50
+DELIVERY_STATUSES = ("accepted", "applied", "duplicate", "unmapped", "dead")
+
+
+def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(payload), status, headers, media_type="application/json")
+
+
+def _reader(request: Request) -> AppState:
+    state: AppState = request.app.state.mirror
+    require_token(request, state.settings.api_tokens)
+    return state
+
+
+def _admin(request: Request) -> AppState:
+    state: AppState = request.app.state.mirror
+    require_token(request, state.settings.admin_tokens)
+    return state
+
+
+def _bad(name: str, detail: str) -> Problem:
+    return Problem(400, "invalid_parameter", f"Invalid parameter `{name}`", f"`{name}`: {detail}")
+
+
+def _limit(request: Request) -> int:
+    raw = request.query_params.get("limit")
+    if raw is None:
+        return DEFAULT_LIMIT
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise _bad("limit", f"must be an integer from 1 to {MAX_LIMIT}")
+    return int(raw)
+
+
+def _text(request: Request, name: str) -> str | None:
+    value = request.query_params.get(name)
+    if value is not None and (not value or len(value) > 256):
+        raise _bad(name, "must be 1 to 256 characters")
+    return value
+
+
+# Cursors are opaque to clients: base64url JSON of the last row's sort key (keyset pagination,
+# so rows written meanwhile never shift a page the way OFFSET would).
+def encode_cursor(key: list[Any]) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(key)).decode().rstrip("=")
+
+
+def _cursor(request: Request, shape: tuple[type, ...]) -> list[Any] | None:
+    raw = request.query_params.get("cursor")
+    if raw is None:
+        return None
+    try:
+        key = orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+    except (binascii.Error, orjson.JSONDecodeError, ValueError):
+        key = None
+    if not isinstance(key, list) or len(key) != len(shape):
+        raise Problem(400, "invalid_cursor", "Invalid cursor", "`cursor`: not one this API issued")
+    if not all(
+        isinstance(v, t) and not isinstance(v, bool) for v, t in zip(key, shape, strict=True)
+    ):
+        raise Problem(400, "invalid_cursor", "Invalid cursor", "`cursor`: not one this API issued")
+    return key
 
 
 def etag(buddy_id: str, version: int) -> str:
@@ -24,17 +94,219 @@ def _matches(if_none_match: str | None, tag: str) -> bool:
     return "*" in candidates or tag in candidates
 
 
-async def get_buddy(request: Request) -> Response:
-    state: AppState = request.app.state.mirror
-    require_token(request, state.settings.api_tokens)
-    buddy_id = request.path_params["buddy_id"]
-    found = await store.get_buddy(state.pool, buddy_id)
-    if found is None:
-        raise Problem(404, "buddy_not_found", "Buddy not found", f"no buddy {buddy_id!r} mirrored")
+def _not_found(buddy_id: str) -> Problem:
+    return Problem(404, "buddy_not_found", "Buddy not found", f"no buddy {buddy_id!r} mirrored")
+
+
+def _buddy_response(request: Request, found: tuple[Buddy, int, datetime]) -> Response:
     buddy, version, updated_at = found
-    tag = etag(buddy_id, version)
+    tag = etag(buddy.buddy_id, version)
     headers = {"ETag": tag, "Cache-Control": "no-cache"}
     if _matches(request.headers.get("if-none-match"), tag):
         return Response(status_code=304, headers=headers)
-    body = orjson.dumps(public_view(buddy, version, updated_at))
-    return Response(body, media_type="application/json", headers=headers)
+    return _json(public_view(buddy, version, updated_at), headers=headers)
+
+
+async def get_buddy(request: Request) -> Response:
+    state = _reader(request)
+    buddy_id = request.path_params["buddy_id"]
+    found = await store.get_buddy(state.pool, buddy_id)
+    if found is None:
+        raise _not_found(buddy_id)
+    return _buddy_response(request, found)
+
+
+async def list_buddies(request: Request) -> Response:
+    state = _reader(request)
+    limit = _limit(request)
+    cursor = _cursor(request, (str,))
+    rows = await store.list_buddies(
+        state.pool,
+        user_id=_text(request, "user_id"),
+        audience=_text(request, "audience"),
+        after=cursor[0] if cursor else None,
+        limit=limit + 1,
+    )
+    page = rows[:limit]
+    next_cursor = encode_cursor([page[-1][0].buddy_id]) if len(rows) > limit else None
+    return _json({"data": [public_view(*r) for r in page], "next_cursor": next_cursor})
+
+
+async def user_buddy(request: Request) -> Response:
+    state = _reader(request)
+    user_id = request.path_params["user_id"]
+    found = await store.user_buddy(state.pool, user_id, _text(request, "audience"))
+    if found is None:
+        raise Problem(
+            404, "buddy_not_found", "Buddy not found", f"no buddy mirrored for user {user_id!r}"
+        )
+    return _buddy_response(request, found)
+
+
+async def _require_buddy(state: AppState, buddy_id: str) -> None:
+    if await store.get_version(state.pool, buddy_id) is None:
+        raise _not_found(buddy_id)
+
+
+async def ledger(request: Request) -> Response:
+    state = _reader(request)
+    buddy_id = request.path_params["buddy_id"]
+    limit = _limit(request)
+    cursor = _cursor(request, (str, int))
+    currency = _text(request, "currency")
+    await _require_buddy(state, buddy_id)
+    before = (datetime.fromisoformat(cursor[0]), cursor[1]) if cursor else None
+    rows = await store.list_ledger(
+        state.pool, buddy_id, currency=currency, before=before, limit=limit + 1
+    )
+    page = rows[:limit]
+    data = [
+        {
+            "delivery_id": r["delivery_id"],
+            "currency": r["currency"],
+            "amount": r["amount"],
+            "balance_after": r["balance_after"],
+            "reason": r["reason"],
+            "reference_id": r["reference_id"],
+            "ledger_id": r["ledger_id"],
+            "is_lucky": r["is_lucky"],
+            "occurred_at": iso(r["occurred_at"]),
+        }
+        for r in page
+    ]
+    last = page[-1] if len(rows) > limit else None
+    next_cursor = encode_cursor([last["occurred_at"].isoformat(), last["seq"]]) if last else None
+    return _json({"data": data, "next_cursor": next_cursor})
+
+
+def _iso_or_none(value: datetime | None) -> str | None:
+    return iso(value) if value is not None else None
+
+
+async def events(request: Request) -> Response:
+    state = _reader(request)
+    buddy_id = request.path_params["buddy_id"]
+    limit = _limit(request)
+    cursor = _cursor(request, (int,))
+    await _require_buddy(state, buddy_id)
+    rows = await store.list_events(
+        state.pool, buddy_id, before=cursor[0] if cursor else None, limit=limit + 1
+    )
+    page = rows[:limit]
+    data = [
+        {
+            "delivery_id": r["delivery_id"],
+            "event_id": r["event_id"],
+            "type": r["event_type"],
+            "format": r["format"],
+            "occurred_at": _iso_or_none(r["occurred_at"]),
+            "received_at": iso(r["received_at"]),
+            "applied_at": _iso_or_none(r["applied_at"]),
+        }
+        for r in page
+    ]
+    next_cursor = encode_cursor([page[-1]["seq"]]) if len(rows) > limit else None
+    return _json({"data": data, "next_cursor": next_cursor})
+
+
+# --- admin ---------------------------------------------------------------------------------
+
+
+async def list_deliveries(request: Request) -> Response:
+    state = _admin(request)
+    limit = _limit(request)
+    cursor = _cursor(request, (int,))
+    status = request.query_params.get("status")
+    if status is not None and status not in DELIVERY_STATUSES:
+        raise _bad("status", f"must be one of {', '.join(DELIVERY_STATUSES)}")
+    rows = await store.list_deliveries(
+        state.pool,
+        status=status,
+        buddy_id=_text(request, "buddy_id"),
+        before=cursor[0] if cursor else None,
+        limit=limit + 1,
+    )
+    page = rows[:limit]
+    data = [
+        {
+            "delivery_id": r["delivery_id"],
+            "status": r["status"],
+            "reason": r["reason"],
+            "attempts": r["attempts"],
+            "type": r["event_type"],
+            "buddy_id": r["buddy_id"],
+            "format": r["format"],
+            "occurred_at": _iso_or_none(r["occurred_at"]),
+            "received_at": iso(r["received_at"]),
+            "applied_at": _iso_or_none(r["applied_at"]),
+        }
+        for r in page
+    ]
+    next_cursor = encode_cursor([page[-1]["seq"]]) if len(rows) > limit else None
+    return _json({"data": data, "next_cursor": next_cursor})
+
+
+async def replay_delivery(request: Request) -> Response:
+    state = _admin(request)
+    delivery_id = request.path_params["delivery_id"]
+    requeued = await store.requeue(state.pool, delivery_ids=[delivery_id])
+    if not requeued:
+        raise Problem(
+            404, "delivery_not_found", "Delivery not found", f"no delivery {delivery_id!r} stored"
+        )
+    await state.waker.wake(requeued[0][1])
+    return _json({"status": "queued", "delivery_id": delivery_id}, 202)
+
+
+async def refresh_buddy(request: Request) -> Response:
+    state = _admin(request)
+    buddy_id = request.path_params["buddy_id"]
+    if not state.settings.hatched_api_enabled:
+        raise Problem(
+            409,
+            "hatched_api_not_configured",
+            "Hatched API not configured",
+            "set HATCHED_API_URL and HATCHED_API_KEY to refresh buddies from Hatched",
+        )
+    if not await state.waker.request_refresh(buddy_id, priority=True):
+        raise Problem(
+            503,
+            "unavailable",
+            "Service unavailable",
+            "could not queue the refresh; retry later",
+            {"Retry-After": "5"},
+        )
+    return _json({"status": "queued", "buddy_id": buddy_id}, 202)
+
+
+async def stream_buddy(request: Request) -> Response:
+    """SSE: the full buddy now (once it exists), then again each time it changes."""
+    state = _reader(request)
+    buddy_id = request.path_params["buddy_id"]
+    broadcaster = state.broadcaster
+    if broadcaster.clients >= state.settings.stream_max_clients:
+        raise Problem(
+            503,
+            "too_many_streams",
+            "Too many live streams",
+            "this process serves its maximum of live streams; retry later",
+            {"Retry-After": "5"},
+        )
+
+    async def events() -> AsyncIterator[ServerSentEvent]:
+        async with broadcaster.subscribe(buddy_id) as changed:
+            sent = None
+            while not broadcaster.closing:
+                found = await store.get_buddy(state.pool, buddy_id)
+                if found is not None and found[1] != sent:
+                    sent = found[1]
+                    yield ServerSentEvent(
+                        data=orjson.dumps(public_view(*found)).decode(),
+                        event="buddy",
+                        id=str(sent),
+                    )
+                await changed.get()
+
+    return EventSourceResponse(
+        events(), ping=state.settings.stream_ping_s, headers={"Cache-Control": "no-cache"}
+    )

@@ -1,4 +1,4 @@
-"""create_app(settings): the receiver, the read API and the operations endpoints."""
+"""create_app(settings): the receiver, the read and admin APIs, the operations endpoints."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import asyncpg
+import orjson
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -14,13 +15,14 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
-from service import api, receiver, store
+from service import api, metrics, openapi, receiver, schemas, store
 from service.config import Settings
+from service.openapi import CURSOR, Endpoint, Param, limit_param, text_param
 from service.problems import Problem
 from service.queue import Waker
 from service.state import AppState
+from service.stream import Broadcaster
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +46,13 @@ async def _postgres_ok(pool: store.Pool) -> bool:
 
 
 async def metrics_endpoint(request: Request) -> Response:
+    state: AppState = request.app.state.mirror
+    # Inbox gauges are read at scrape time, so any replica's /metrics shows the shared backlog.
+    try:
+        await metrics.refresh_inbox_gauges(state.pool)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        log.warning("metrics_inbox_unavailable", error=repr(exc))
+    metrics.STREAM_CLIENTS.set(state.broadcaster.clients)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -60,12 +69,185 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)):
+        log.error("database_unavailable", path=request.url.path, error=repr(exc))
+        return Problem(
+            503,
+            "unavailable",
+            "Service unavailable",
+            "the database is unreachable; retry later",
+            {"Retry-After": "5"},
+        ).response()
     log.exception("unhandled_error", path=request.url.path)
     return Problem(500, "internal_error", "Internal error").response()
 
 
+BUDDY_ID = text_param("buddy_id", "path")
+NOT_FOUND = {404: "buddy_not_found: no such buddy mirrored"}
+BAD_PAGE = {400: "invalid_parameter or invalid_cursor: the parameter is named in `detail`"}
+
+
+def endpoints(settings: Settings) -> list[Endpoint]:
+    """Every route of the service; admin routes exist only when admin tokens are configured."""
+    read = [
+        Endpoint(
+            "POST",
+            "/webhooks/hatched",
+            receiver.receive,
+            "Receive a signed Hatched delivery",
+            "signature",
+            {202: schemas.ReceiverAnswer, 200: schemas.ReceiverAnswer},
+            errors={
+                401: "missing_signature, invalid_signature or stale_timestamp",
+                413: "payload_too_large",
+                503: "unavailable: the inbox database is unreachable; Hatched retries",
+            },
+            request_body="the raw delivery as Hatched signed it (v1 envelope or v2 payload)",
+            tag="receiver",
+        ),
+        Endpoint(
+            "GET",
+            "/v1/buddies",
+            api.list_buddies,
+            "List buddies, by id",
+            "api",
+            {200: schemas.BuddyPage},
+            params=[text_param("user_id"), text_param("audience"), limit_param(), CURSOR],
+            errors=BAD_PAGE,
+        ),
+        Endpoint(
+            "GET",
+            "/v1/buddies/{buddy_id}",
+            api.get_buddy,
+            "One buddy, with ETag",
+            "api",
+            {200: schemas.BuddyOut, 304: None},
+            params=[BUDDY_ID, Param("If-None-Match", "header", {"type": "string"})],
+            errors=NOT_FOUND,
+        ),
+        Endpoint(
+            "GET",
+            "/v1/buddies/{buddy_id}/ledger",
+            api.ledger,
+            "Coin and token ledger, newest first",
+            "api",
+            {200: schemas.LedgerPage},
+            params=[BUDDY_ID, text_param("currency"), limit_param(), CURSOR],
+            errors={**NOT_FOUND, **BAD_PAGE},
+        ),
+        Endpoint(
+            "GET",
+            "/v1/buddies/{buddy_id}/events",
+            api.events,
+            "Deliveries applied to this buddy, newest first",
+            "api",
+            {200: schemas.EventPage},
+            params=[BUDDY_ID, limit_param(), CURSOR],
+            errors={**NOT_FOUND, **BAD_PAGE},
+        ),
+        Endpoint(
+            "GET",
+            "/v1/buddies/{buddy_id}/stream",
+            api.stream_buddy,
+            "Server-Sent Events: the full buddy each time it changes",
+            "api",
+            {200: "text/event-stream"},
+            params=[BUDDY_ID],
+            errors={503: "too_many_streams: this process serves its maximum of live streams"},
+        ),
+        Endpoint(
+            "GET",
+            "/v1/users/{user_id}/buddy",
+            api.user_buddy,
+            "The user's most recently hatched buddy",
+            "api",
+            {200: schemas.BuddyOut, 304: None},
+            params=[text_param("user_id", "path"), text_param("audience")],
+            errors=NOT_FOUND,
+        ),
+        Endpoint(
+            "GET",
+            "/healthz",
+            healthz,
+            "Process alive",
+            "none",
+            {200: schemas.Health},
+            tag="operations",
+        ),
+        Endpoint(
+            "GET",
+            "/readyz",
+            readyz,
+            "Postgres and Redis reachable",
+            "none",
+            {200: schemas.Health, 503: schemas.Health},
+            tag="operations",
+        ),
+        Endpoint(
+            "GET",
+            "/metrics",
+            metrics_endpoint,
+            "Prometheus metrics",
+            "none",
+            {200: "text/plain"},
+            tag="operations",
+        ),
+    ]
+    if not settings.admin_tokens:
+        return read
+    admin = [
+        Endpoint(
+            "GET",
+            "/v1/deliveries",
+            api.list_deliveries,
+            "Stored deliveries, newest first",
+            "admin",
+            {200: schemas.DeliveryPage},
+            params=[
+                Param("status", "query", {"type": "string", "enum": list(api.DELIVERY_STATUSES)}),
+                text_param("buddy_id"),
+                limit_param(),
+                CURSOR,
+            ],
+            errors=BAD_PAGE,
+            tag="admin",
+        ),
+        Endpoint(
+            "POST",
+            "/v1/deliveries/{delivery_id}/replay",
+            api.replay_delivery,
+            "Re-apply one stored delivery",
+            "admin",
+            {202: schemas.Queued},
+            params=[text_param("delivery_id", "path")],
+            errors={404: "delivery_not_found"},
+            tag="admin",
+        ),
+        Endpoint(
+            "POST",
+            "/v1/buddies/{buddy_id}/refresh",
+            api.refresh_buddy,
+            "Fetch this buddy from Hatched now",
+            "admin",
+            {202: schemas.Queued},
+            params=[BUDDY_ID],
+            errors={
+                409: "hatched_api_not_configured: HATCHED_API_URL/HATCHED_API_KEY unset",
+                503: "unavailable: could not queue the refresh",
+            },
+            tag="admin",
+        ),
+    ]
+    return read + admin
+
+
 def create_app(settings: Settings) -> Starlette:
     assert settings.database_url is not None and settings.redis_url is not None
+    table = endpoints(settings)
+    document = orjson.dumps(openapi.build(table))
+
+    async def openapi_json(request: Request) -> Response:
+        return Response(document, media_type="application/json")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -74,20 +256,22 @@ def create_app(settings: Settings) -> Starlette:
             settings.database_url, size=settings.db_pool_size, timeout_s=settings.db_timeout_s
         )
         waker = Waker(settings.redis_url, settings.queue_name, settings.redis_timeout_s)
-        app.state.mirror = AppState(settings=settings, pool=pool, waker=waker)
+        broadcaster = Broadcaster(
+            settings.database_url, settings.stream_max_clients, settings.db_timeout_s
+        )
+        broadcaster.start()
+        app.state.mirror = AppState(
+            settings=settings, pool=pool, waker=waker, broadcaster=broadcaster
+        )
         try:
             yield
         finally:
+            await broadcaster.close()
             await waker.close()
             await pool.close()
 
-    routes = [
-        Route("/webhooks/hatched", receiver.receive, methods=["POST"]),
-        Route("/v1/buddies/{buddy_id}", api.get_buddy, methods=["GET"]),
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
-        Route("/metrics", metrics_endpoint, methods=["GET"]),
-    ]
+    routes = [ep.route() for ep in table]
+    routes.append(Endpoint("GET", "/openapi.json", openapi_json, "", "none", {}).route())
     middleware = []
     if settings.cors_origins:
         middleware.append(

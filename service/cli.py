@@ -120,7 +120,7 @@ def dev(data_dir: str, host: str, port: int) -> None:
 
 def _run_dev(settings: Settings, host: str, port: int) -> None:
     from service.app import create_app
-    from service.worker import create_worker
+    from service.worker import create_worker, stop
 
     logs.configure(settings.log_format)
     assert settings.database_url is not None
@@ -153,9 +153,7 @@ def _run_dev(settings: Settings, host: str, port: int) -> None:
         try:
             await server.serve()
         finally:
-            worker_task.cancel()
-            await asyncio.gather(worker_task, return_exceptions=True)
-            await worker.close()
+            await stop(worker, worker_task)
 
     asyncio.run(run())
 

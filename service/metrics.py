@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from service import store
 from service.events import KNOWN_TYPES
 
 DELIVERIES = Counter(
@@ -32,8 +33,16 @@ INBOX_LAG = Gauge(
 )
 INBOX_PENDING = Gauge("hatched_inbox_pending", "Deliveries waiting to be applied.")
 DEAD = Gauge("hatched_inbox_dead", "Deliveries in status dead, waiting for a replay.")
+STREAM_CLIENTS = Gauge("hatched_stream_clients", "Live SSE clients of this process.")
 SWEPT = Counter("hatched_sweep_wakeups_total", "Shards re-woken by the sweeper.")
 
 
 def type_label(event_type: str | None) -> str:
     return event_type if event_type in KNOWN_TYPES else "other"
+
+
+async def refresh_inbox_gauges(conn: store.Executor) -> None:
+    pending, lag_s, dead = await store.inbox_stats(conn)
+    INBOX_PENDING.set(pending)
+    INBOX_LAG.set(lag_s)
+    DEAD.set(dead)

@@ -20,6 +20,7 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 log = structlog.get_logger(__name__)
 
 APPLY_JOB = "apply_shard"
+REFRESH_JOB = "refresh_buddy"
 WAKE_TTL_S = 60
 
 
@@ -87,6 +88,28 @@ class Waker:
                     await redis.enqueue_job(APPLY_JOB, shard, _queue_name=self._queue)
             return True
         except Exception as exc:  # any Redis failure: the sweeper covers it
+            self._fail(exc)
+            return False
+
+    async def request_refresh(
+        self, buddy_id: str, *, priority: bool = False, delay_s: float = 0.0
+    ) -> bool:
+        """Queue a REST refresh of one buddy; one job id per buddy coalesces a burst."""
+        redis = await self._pool()
+        if redis is None:
+            return False
+        try:
+            async with asyncio.timeout(self._timeout):
+                await redis.enqueue_job(
+                    REFRESH_JOB,
+                    buddy_id,
+                    priority,
+                    _job_id=f"refresh:{buddy_id}",
+                    _defer_by=delay_s or None,
+                    _queue_name=self._queue,
+                )
+            return True
+        except Exception as exc:
             self._fail(exc)
             return False
 

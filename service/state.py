@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from service.config import Settings
 from service.queue import Waker
 from service.store import Pool
+from service.stream import Broadcaster
 
 
 @dataclass
@@ -14,3 +15,4 @@ class AppState:
     settings: Settings
     pool: Pool
     waker: Waker
+    broadcaster: Broadcaster

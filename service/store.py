@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import astuple, dataclass
 from datetime import datetime
@@ -21,7 +22,8 @@ Conn: TypeAlias = (
 # Either runs a single statement; a pool borrows a connection for it.
 Executor: TypeAlias = "Conn | Pool"
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+# The repo's sql/ next to the package; an installed image points MIRROR_SQL_DIR at its copy.
+SQL_DIR = Path(os.environ.get("MIRROR_SQL_DIR") or Path(__file__).resolve().parent.parent / "sql")
 NOTIFY_CHANNEL = "hatched_mirror_buddies"
 # Any fixed 64-bit number; every replica running `migrate` serialises on it.
 MIGRATION_LOCK = 7_311_200_415
@@ -229,6 +231,23 @@ async def stalled_shards(conn: Executor, older_than_s: float) -> list[int]:
     return [r["shard"] for r in await conn.fetch(STALLED_SHARDS, older_than_s)]
 
 
+INBOX_STATS = """
+SELECT count(*) FILTER (WHERE status = 'accepted') AS pending,
+       coalesce(extract(epoch FROM now() - min(received_at) FILTER (WHERE status = 'accepted')),
+                0)::float8 AS lag_s,
+       count(*) FILTER (WHERE status = 'dead') AS dead
+FROM deliveries
+WHERE status IN ('accepted', 'dead')
+"""
+
+
+async def inbox_stats(conn: Executor) -> tuple[int, float, int]:
+    """(pending deliveries, age of the oldest pending in seconds, dead deliveries)."""
+    row = await conn.fetchrow(INBOX_STATS)
+    assert row is not None
+    return row["pending"], row["lag_s"], row["dead"]
+
+
 # --- buddies -------------------------------------------------------------------------------
 
 _COLUMNS = ", ".join(STATE_FIELDS)
@@ -310,3 +329,128 @@ GET_VERSION = "SELECT version FROM buddies WHERE buddy_id = $1"
 async def get_version(conn: Executor, buddy_id: str) -> int | None:
     version: int | None = await conn.fetchval(GET_VERSION, buddy_id)
     return version
+
+
+# --- read API ------------------------------------------------------------------------------
+
+LIST_BUDDIES = f"""
+SELECT {_COLUMNS}, version, updated_at FROM buddies
+WHERE ($1::text IS NULL OR user_id = $1)
+  AND ($2::text IS NULL OR audience = $2)
+  AND ($3::text IS NULL OR buddy_id > $3)
+ORDER BY buddy_id
+LIMIT $4
+"""
+
+
+async def list_buddies(
+    conn: Executor, *, user_id: str | None, audience: str | None, after: str | None, limit: int
+) -> list[tuple[Buddy, int, datetime]]:
+    rows = await conn.fetch(LIST_BUDDIES, user_id, audience, after, limit)
+    return [(_buddy(r), r["version"], r["updated_at"]) for r in rows]
+
+
+USER_BUDDY = f"""
+SELECT {_COLUMNS}, version, updated_at FROM buddies
+WHERE user_id = $1 AND ($2::text IS NULL OR audience = $2)
+ORDER BY hatched_at DESC NULLS LAST, created_at DESC, buddy_id
+LIMIT 1
+"""
+
+
+async def user_buddy(
+    conn: Executor, user_id: str, audience: str | None
+) -> tuple[Buddy, int, datetime] | None:
+    row = await conn.fetchrow(USER_BUDDY, user_id, audience)
+    return (_buddy(row), row["version"], row["updated_at"]) if row is not None else None
+
+
+LIST_LEDGER = """
+SELECT delivery_id, seq, currency, amount, balance_after, reason, reference_id, ledger_id,
+       is_lucky, occurred_at
+FROM ledger
+WHERE buddy_id = $1
+  AND ($2::text IS NULL OR currency = $2)
+  AND ($3::timestamptz IS NULL OR (occurred_at, seq) < ($3, $4))
+ORDER BY occurred_at DESC, seq DESC
+LIMIT $5
+"""
+
+
+async def list_ledger(
+    conn: Executor,
+    buddy_id: str,
+    *,
+    currency: str | None,
+    before: tuple[datetime, int] | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    at, seq = before if before is not None else (None, None)
+    return list(await conn.fetch(LIST_LEDGER, buddy_id, currency, at, seq, limit))
+
+
+LIST_EVENTS = """
+SELECT seq, delivery_id, event_id, event_type, format, occurred_at, received_at, applied_at
+FROM deliveries
+WHERE buddy_id = $1 AND status = 'applied' AND ($2::bigint IS NULL OR seq < $2)
+ORDER BY seq DESC
+LIMIT $3
+"""
+
+
+async def list_events(
+    conn: Executor, buddy_id: str, *, before: int | None, limit: int
+) -> list[asyncpg.Record]:
+    return list(await conn.fetch(LIST_EVENTS, buddy_id, before, limit))
+
+
+LIST_DELIVERIES = """
+SELECT seq, delivery_id, status, reason, attempts, event_type, buddy_id, format, occurred_at,
+       received_at, applied_at
+FROM deliveries
+WHERE ($1::text IS NULL OR status = $1)
+  AND ($2::text IS NULL OR buddy_id = $2)
+  AND ($3::bigint IS NULL OR seq < $3)
+ORDER BY seq DESC
+LIMIT $4
+"""
+
+
+async def list_deliveries(
+    conn: Executor, *, status: str | None, buddy_id: str | None, before: int | None, limit: int
+) -> list[asyncpg.Record]:
+    return list(await conn.fetch(LIST_DELIVERIES, status, buddy_id, before, limit))
+
+
+REQUEUE = """
+UPDATE deliveries
+SET status = 'accepted', attempts = 0, next_attempt_at = NULL, applied_at = NULL, reason = NULL
+WHERE ($1::text[] IS NULL OR delivery_id = ANY($1))
+  AND ($2::text[] IS NULL OR status = ANY($2))
+  AND ($3::timestamptz IS NULL OR received_at >= $3)
+  AND ($4::text[] IS NULL OR buddy_id = ANY($4))
+RETURNING delivery_id, shard
+"""
+
+
+async def requeue(
+    conn: Executor,
+    *,
+    delivery_ids: Sequence[str] | None = None,
+    statuses: Sequence[str] | None = None,
+    since: datetime | None = None,
+    buddy_ids: Sequence[str] | None = None,
+) -> list[tuple[str, int]]:
+    """Put stored deliveries back to `accepted` so the worker applies them again.
+
+    Safe for applied ones too: the projector ignores what a field already saw, and the ledger
+    keeps one row per delivery.
+    """
+    rows = await conn.fetch(
+        REQUEUE,
+        list(delivery_ids) if delivery_ids is not None else None,
+        list(statuses) if statuses is not None else None,
+        since,
+        list(buddy_ids) if buddy_ids is not None else None,
+    )
+    return [(r["delivery_id"], r["shard"]) for r in rows]

@@ -6,6 +6,7 @@ designed for: a batch commits or not as a whole, and rows already final are neve
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -19,15 +20,6 @@ from service.config import Settings
 from service.queue import APPLY_JOB, WAKE_TTL_S, redis_settings, wake_key
 
 log = structlog.get_logger(__name__)
-
-INBOX_STATS = """
-SELECT count(*) FILTER (WHERE status = 'accepted') AS pending,
-       coalesce(extract(epoch FROM now() - min(received_at) FILTER (WHERE status = 'accepted')), 0)
-           AS lag_s,
-       count(*) FILTER (WHERE status = 'dead') AS dead
-FROM deliveries
-WHERE status IN ('accepted', 'dead')
-"""
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -89,10 +81,7 @@ async def sweep(ctx: dict[str, Any]) -> int:
     if shards:
         metrics.SWEPT.inc(len(shards))
         log.warning("sweep_rewoke", shards=shards)
-    stats = await pool.fetchrow(INBOX_STATS)
-    metrics.INBOX_PENDING.set(stats["pending"])
-    metrics.INBOX_LAG.set(float(stats["lag_s"]))
-    metrics.DEAD.set(stats["dead"])
+    await metrics.refresh_inbox_gauges(pool)
     return len(shards)
 
 
@@ -117,3 +106,14 @@ def create_worker(
         # SIGTERM: let the batch in hand commit before exiting.
         job_completion_wait=30,
     )
+
+
+async def stop(worker: Worker, main: asyncio.Task[None], grace_s: float = 30.0) -> None:
+    """Stop an in-process worker the way SIGTERM would: take no new job, let running ones end."""
+    worker.allow_pick_jobs = False
+    running = [t for t in worker.tasks.values() if not t.done()]
+    if running:
+        await asyncio.wait(running, timeout=grace_s)
+    main.cancel()
+    await asyncio.gather(main, return_exceptions=True)
+    await worker.close()

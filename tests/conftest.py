@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 
 from service import store
 from service.config import Settings
-from service.worker import create_worker
+from service.worker import create_worker, stop
 from tests import services
 
 SECRET = "whsec_test_fixture_secret"
@@ -129,9 +129,7 @@ async def running_worker(settings: Settings) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await worker.close()
+        await stop(worker, task)
 
 
 async def wait_until(

@@ -1,0 +1,112 @@
+"""Live updates: one LISTEN connection per process fans buddy changes out to SSE clients.
+
+The apply transaction sends `NOTIFY hatched_mirror_buddies, '<buddy_id>:<version>'` at commit.
+A client's queue holds at most one wake-up: it always re-reads the latest state, so a burst of
+changes costs a slow client one read, never an unbounded backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import AsyncIterator
+
+import asyncpg
+import structlog
+
+from service import store
+
+log = structlog.get_logger(__name__)
+
+
+class TooManyClients(Exception):
+    pass
+
+
+class Broadcaster:
+    def __init__(self, dsn: str, max_clients: int, timeout_s: float) -> None:
+        self._dsn = dsn
+        self._max = max_clients
+        self._timeout = timeout_s
+        self._subscribers: dict[str, set[asyncio.Queue[None]]] = defaultdict(set)
+        self._count = 0
+        self._task: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
+        self.connected = asyncio.Event()
+
+    @property
+    def clients(self) -> int:
+        return self._count
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        self._closing.set()
+        # Wake every client so its stream ends now rather than at the next keep-alive.
+        for queues in self._subscribers.values():
+            for queue in queues:
+                _poke(queue)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing.is_set()
+
+    async def _run(self) -> None:
+        delay = 0.5
+        while not self._closing.is_set():
+            conn: asyncpg.Connection[asyncpg.Record] | None = None
+            try:
+                conn = await asyncpg.connect(self._dsn, timeout=self._timeout)
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(store.NOTIFY_CHANNEL, self._on_notify)
+                self.connected.set()
+                delay = 0.5
+                # Changes may have been missed while disconnected: everyone re-reads.
+                self._poke_all()
+                await lost.wait()
+                log.warning("stream_listener_lost")
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("stream_listener_unavailable", error=repr(exc))
+            finally:
+                self.connected.clear()
+                if conn is not None and not conn.is_closed():
+                    with contextlib.suppress(Exception):
+                        await conn.close(timeout=1)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        buddy_id = str(payload).rpartition(":")[0]
+        for queue in self._subscribers.get(buddy_id, ()):
+            _poke(queue)
+
+    def _poke_all(self) -> None:
+        for queues in self._subscribers.values():
+            for queue in queues:
+                _poke(queue)
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, buddy_id: str) -> AsyncIterator[asyncio.Queue[None]]:
+        if self._count >= self._max:
+            raise TooManyClients
+        queue: asyncio.Queue[None] = asyncio.Queue(maxsize=1)
+        self._count += 1
+        self._subscribers[buddy_id].add(queue)
+        try:
+            yield queue
+        finally:
+            self._count -= 1
+            self._subscribers[buddy_id].discard(queue)
+            if not self._subscribers[buddy_id]:
+                del self._subscribers[buddy_id]
+
+
+def _poke(queue: asyncio.Queue[None]) -> None:
+    with contextlib.suppress(asyncio.QueueFull):
+        queue.put_nowait(None)
