@@ -92,19 +92,31 @@ async def _apply_isolated(conn: store.Conn, shard: int, limits: ApplyLimits) -> 
         groups[_buddy_of(row)].append(row["seq"])
     result = BatchResult(claimed=len(rows))
     for seqs in groups.values():
-        try:
-            async with conn.transaction():
-                part = await _apply_rows(conn, await store.claim_seqs(conn, seqs))
-            result.add(part, claimed=False)
-        except _DATA_ERRORS as exc:
-            if isinstance(exc, _CONNECTION_ERRORS):
-                raise
-            log.error("delivery_apply_failed", seqs=seqs, error=repr(exc))
-            await store.retry_deliveries(
-                conn, seqs, f"apply_error: {exc!r}"[:500], limits.max_attempts, limits.backoff_s
-            )
-            result.retried += len(seqs)
+        await _apply_group(conn, seqs, limits, result)
     return result
+
+
+async def _apply_group(
+    conn: store.Conn, seqs: list[int], limits: ApplyLimits, result: BatchResult
+) -> None:
+    """One buddy's deliveries together; if that fails, each alone, so only the poison waits."""
+    try:
+        async with conn.transaction():
+            part = await _apply_rows(conn, await store.claim_seqs(conn, seqs))
+        result.add(part, claimed=False)
+        return
+    except _DATA_ERRORS as exc:
+        if isinstance(exc, _CONNECTION_ERRORS):
+            raise
+        if len(seqs) > 1:
+            for seq in seqs:
+                await _apply_group(conn, [seq], limits, result)
+            return
+        log.error("delivery_apply_failed", seq=seqs[0], error=repr(exc))
+        await store.retry_deliveries(
+            conn, seqs, f"apply_error: {exc!r}"[:500], limits.max_attempts, limits.backoff_s
+        )
+        result.retried += 1
 
 
 def _buddy_of(row: asyncpg.Record) -> str | None:
@@ -167,3 +179,31 @@ async def _apply_rows(conn: store.Conn, rows: list[asyncpg.Record]) -> BatchResu
     await store.finish_deliveries(conn, finished)
     await store.notify_changed(conn, result.changed)
     return result
+
+
+async def rebuild_buddy(conn: store.Conn, buddy_id: str) -> bool:
+    """Recompute one buddy from its stored deliveries alone, through the same projector.
+
+    Online: only this buddy's row is locked, for one short transaction; a live apply of the same
+    buddy waits for it and then sees the rebuilt state. Returns whether anything changed.
+    """
+    async with conn.transaction():
+        current = await store.lock_buddies(conn, [buddy_id])
+        events = []
+        for row in await store.applied_deliveries(conn, buddy_id):
+            parsed = parse_delivery(
+                bytes(row["body"]), row["headers"], row["format"], row["signed_at"]
+            )
+            if parsed.event is not None and parsed.status == "accepted":
+                events.append((row["seq"], parsed.event))
+        outcome = project(None, buddy_id, events)
+        state, version = current.get(buddy_id, (None, 0))
+        await store.insert_ledger(conn, outcome.ledger)
+        if state is not None and outcome.buddy == state:
+            return False
+        changed = state is None or mirrored(outcome.buddy) != mirrored(state)
+        new_version = version + 1 if changed else version
+        await store.save_buddies(conn, [(outcome.buddy, new_version)])
+        if changed:
+            await store.notify_changed(conn, [(buddy_id, new_version)])
+        return True

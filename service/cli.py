@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import click
 import httpx
 import orjson
 import uvicorn
+from prometheus_client import start_http_server
 
 from service import logs, store
 from service.config import ConfigError, Settings, load_settings, require
@@ -88,6 +90,9 @@ def worker() -> None:
     from service.worker import create_worker
 
     settings = _settings("worker")
+    if settings.worker_metrics_port:
+        # The worker has no HTTP server of its own; Prometheus scrapes this port.
+        start_http_server(settings.worker_metrics_port)
     create_worker(settings).run()
 
 
@@ -156,6 +161,87 @@ def _run_dev(settings: Settings, host: str, port: int) -> None:
             await stop(worker, worker_task)
 
     asyncio.run(run())
+
+
+@main.command()
+@click.option(
+    "--status",
+    type=click.Choice(["dead", "unmapped", "all"]),
+    default=None,
+    help="which stored deliveries (default: dead, unless --delivery-id is given)",
+)
+@click.option("--since", type=click.DateTime(), default=None, help="received at or after (UTC)")
+@click.option("--delivery-id", "delivery_ids", multiple=True, help="repeatable")
+def replay(status: str | None, since: datetime | None, delivery_ids: tuple[str, ...]) -> None:
+    """Re-apply stored deliveries (the worker picks them up)."""
+    settings = _settings("worker")
+    if status is None and not delivery_ids:
+        status = "dead"
+    statuses = None if status in (None, "all") else [status]
+    since_utc = since.replace(tzinfo=UTC) if since is not None and since.tzinfo is None else since
+    count = asyncio.run(_replay(settings, statuses, since_utc, list(delivery_ids) or None))
+    click.echo(f"requeued {count} deliveries")
+
+
+async def _replay(
+    settings: Settings,
+    statuses: list[str] | None,
+    since: datetime | None,
+    delivery_ids: list[str] | None,
+) -> int:
+    from service.queue import Waker
+
+    assert settings.database_url is not None and settings.redis_url is not None
+    pool = await store.create_pool(settings.database_url, size=2, timeout_s=settings.db_timeout_s)
+    waker = Waker(settings.redis_url, settings.queue_name, settings.redis_timeout_s)
+    try:
+        requeued = await store.requeue(
+            pool, delivery_ids=delivery_ids, statuses=statuses, since=since
+        )
+        shards = sorted({shard for _, shard in requeued})
+        woken = [await waker.wake(shard) for shard in shards]
+        if not all(woken):
+            click.echo("Redis unreachable: the worker's sweeper will apply them shortly", err=True)
+        return len(requeued)
+    finally:
+        await waker.close()
+        await pool.close()
+
+
+@main.command()
+@click.option("--buddy-id", "buddy_ids", multiple=True, help="repeatable; default: every buddy")
+def rebuild(buddy_ids: tuple[str, ...]) -> None:
+    """Recompute mirrored state from the stored deliveries alone (online)."""
+    settings = _settings("migrate")
+    changed, total = asyncio.run(_rebuild(settings, list(buddy_ids)))
+    click.echo(f"rebuilt {total} buddies, {changed} changed")
+
+
+async def _rebuild(settings: Settings, buddy_ids: list[str]) -> tuple[int, int]:
+    from tqdm import tqdm
+
+    from service.applier import rebuild_buddy
+
+    assert settings.database_url is not None
+    pool = await store.create_pool(settings.database_url, size=2, timeout_s=settings.db_timeout_s)
+    changed = total = 0
+    try:
+        async with pool.acquire() as conn:
+            count = len(buddy_ids) or await store.count_buddies(conn)
+            with tqdm(total=count, unit="buddy", disable=None) as bar:
+                after = None
+                while True:
+                    page = buddy_ids if buddy_ids else await store.buddy_ids_page(conn, after, 500)
+                    for buddy_id in page:
+                        changed += await rebuild_buddy(conn, buddy_id)
+                        total += 1
+                        bar.update()
+                    if buddy_ids or not page:
+                        break
+                    after = page[-1]
+    finally:
+        await pool.close()
+    return changed, total
 
 
 @main.command("send-test-event")

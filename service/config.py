@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     # Additions to the contract (documented in the README).
     shards: int = Field(default=32, ge=1, le=4096, alias="MIRROR_SHARDS")
     apply_batch_size: int = Field(default=500, ge=1, le=10_000, alias="MIRROR_APPLY_BATCH_SIZE")
+    apply_max_attempts: int = Field(default=8, ge=1, le=100, alias="MIRROR_APPLY_MAX_ATTEMPTS")
+    apply_backoff_s: float = Field(default=2.0, ge=0, alias="MIRROR_APPLY_BACKOFF_S")
+    retention_days: float = Field(default=30.0, gt=0, alias="MIRROR_RETENTION_DAYS")
+    prune_batch_size: int = Field(default=5000, ge=1, alias="MIRROR_PRUNE_BATCH_SIZE")
+    worker_metrics_port: int = Field(
+        default=9101, ge=0, le=65535, alias="MIRROR_WORKER_METRICS_PORT"
+    )
     sweep_after_s: float = Field(default=5.0, gt=0, alias="MIRROR_SWEEP_AFTER_S")
     worker_poll_s: float = Field(default=0.02, gt=0, le=5, alias="MIRROR_WORKER_POLL_S")
     db_pool_size: int = Field(default=10, ge=1, le=200, alias="MIRROR_DB_POOL_SIZE")

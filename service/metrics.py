@@ -34,6 +34,7 @@ INBOX_LAG = Gauge(
 INBOX_PENDING = Gauge("hatched_inbox_pending", "Deliveries waiting to be applied.")
 DEAD = Gauge("hatched_inbox_dead", "Deliveries in status dead, waiting for a replay.")
 STREAM_CLIENTS = Gauge("hatched_stream_clients", "Live SSE clients of this process.")
+PRUNED = Counter("hatched_pruned_deliveries_total", "Applied deliveries deleted after retention.")
 SWEPT = Counter("hatched_sweep_wakeups_total", "Shards re-woken by the sweeper.")
 
 

@@ -248,6 +248,23 @@ async def inbox_stats(conn: Executor) -> tuple[int, float, int]:
     return row["pending"], row["lag_s"], row["dead"]
 
 
+PRUNE_APPLIED = """
+DELETE FROM deliveries
+WHERE seq IN (
+    SELECT seq FROM deliveries
+    WHERE status = 'applied' AND applied_at < now() - make_interval(secs => $1)
+    ORDER BY applied_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+"""
+
+
+async def prune_applied(conn: Executor, older_than_s: float, limit: int) -> int:
+    result = await conn.execute(PRUNE_APPLIED, older_than_s, limit)
+    return int(result.split()[-1])
+
+
 # --- buddies -------------------------------------------------------------------------------
 
 _COLUMNS = ", ".join(STATE_FIELDS)
@@ -454,3 +471,29 @@ async def requeue(
         list(buddy_ids) if buddy_ids is not None else None,
     )
     return [(r["delivery_id"], r["shard"]) for r in rows]
+
+
+APPLIED_FOR_BUDDY = """
+SELECT seq, delivery_id, format, headers, body, signed_at
+FROM deliveries
+WHERE buddy_id = $1 AND status = 'applied'
+ORDER BY seq
+"""
+
+
+async def applied_deliveries(conn: Executor, buddy_id: str) -> list[asyncpg.Record]:
+    return list(await conn.fetch(APPLIED_FOR_BUDDY, buddy_id))
+
+
+BUDDY_IDS_PAGE = """
+SELECT buddy_id FROM buddies WHERE ($1::text IS NULL OR buddy_id > $1) ORDER BY buddy_id LIMIT $2
+"""
+
+
+async def buddy_ids_page(conn: Executor, after: str | None, limit: int) -> list[str]:
+    return [r["buddy_id"] for r in await conn.fetch(BUDDY_IDS_PAGE, after, limit)]
+
+
+async def count_buddies(conn: Executor) -> int:
+    count: int = await conn.fetchval("SELECT count(*) FROM buddies")
+    return count

@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 from arq import cron
 from arq.worker import Worker, func
+from redis.exceptions import RedisError
 
 from service import metrics, store
 from service.applier import ApplyLimits, drain_shard
@@ -28,7 +29,11 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["pool"] = await store.create_pool(
         settings.database_url, size=settings.db_pool_size, timeout_s=settings.db_timeout_s
     )
-    ctx["limits"] = ApplyLimits(batch_size=settings.apply_batch_size)
+    ctx["limits"] = ApplyLimits(
+        batch_size=settings.apply_batch_size,
+        max_attempts=settings.apply_max_attempts,
+        backoff_s=settings.apply_backoff_s,
+    )
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
@@ -85,14 +90,63 @@ async def sweep(ctx: dict[str, Any]) -> int:
     return len(shards)
 
 
+async def prune(ctx: dict[str, Any]) -> int:
+    """Delete applied deliveries past retention, in small batches so no lock is held for long.
+
+    Dead and unmapped deliveries stay until they are replayed or purged on purpose; the ledger
+    and the mirror keep everything they derived from the pruned rows.
+    """
+    settings: Settings = ctx["settings"]
+    total = 0
+    for _ in range(100):  # bounded work per run; the next run continues
+        deleted = await store.prune_applied(
+            ctx["pool"], settings.retention_days * 86400, settings.prune_batch_size
+        )
+        total += deleted
+        if deleted < settings.prune_batch_size:
+            break
+    if total:
+        metrics.PRUNED.inc(total)
+        log.info("pruned", deliveries=total)
+    return total
+
+
+class MirrorWorker(Worker):
+    """arq's worker, made to ride out a Redis outage instead of exiting on the first error."""
+
+    async def main(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await super().main()
+                return
+            except (OSError, RedisError) as exc:
+                if self._pool is not None:
+                    raise  # only the first connection is retried here; polling has its own
+                log.warning("redis_unavailable_at_start", error=repr(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except (OSError, RedisError) as exc:
+            # Deliveries wait safely in Postgres; the sweeper re-wakes them once Redis is back.
+            log.warning("redis_unavailable", error=repr(exc))
+            await asyncio.sleep(1.0)
+
+
 def create_worker(
     settings: Settings, *, handle_signals: bool = True, burst: bool = False
 ) -> Worker:
     assert settings.redis_url is not None
     every = max(1, round(settings.sweep_after_s / 2))
-    return Worker(
+    return MirrorWorker(
         functions=[func(apply_shard, name=APPLY_JOB, max_tries=1000)],
-        cron_jobs=[cron(sweep, second=set(range(0, 60, every)), run_at_startup=True)],
+        cron_jobs=[
+            cron(sweep, second=set(range(0, 60, every)), run_at_startup=True),
+            cron(prune, minute=set(range(0, 60, 10)), second=30),
+        ],
         redis_settings=redis_settings(settings.redis_url, settings.redis_timeout_s),
         queue_name=settings.queue_name,
         on_startup=startup,

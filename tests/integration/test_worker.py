@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections import defaultdict
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime
+from typing import Literal
 
 import httpx
 import pytest
@@ -14,114 +13,13 @@ import pytest
 from service import store
 from service.app import create_app
 from service.config import Settings
-from service.events import Event, parse_delivery
-from service.projector import Buddy, mirrored, project
+from service.projector import mirrored
 from service.samples import build_delivery
-from service.signatures import verify
+from service.signatures import signature_headers
 from tests.conftest import SECRET, make_settings, running_worker, serving, wait_settled
+from tests.scenario import expected_states, learning_day, mirrored_states, signed
 
 CLOSED_PORT_REDIS = "redis://127.0.0.1:1/0"
-T0 = datetime(2026, 11, 1, tzinfo=UTC)
-
-
-def learning_day(buddies: int, per_buddy: int, rng: random.Random) -> list[dict[str, Any]]:
-    """A plausible stream per buddy, in the order it happened, with consistent balances."""
-    out: list[dict[str, Any]] = []
-    clock = 0
-    for b in range(buddies):
-        buddy_id = f"buddy_{b:04d}"
-        coins, gems, stage, streak = 0, 0, 1, 0
-        clock += 1
-        out.append(
-            {
-                "type": "buddy.hatched",
-                "buddy_id": buddy_id,
-                "at": clock,
-                "data": {"user_id": f"user_{b}", "name": f"Pip {b}", "evolution_stage": 1},
-            }
-        )
-        for _ in range(per_buddy - 1):
-            clock += 1
-            kind = rng.choice(
-                [
-                    "coins.earned",
-                    "coins.earned",
-                    "coins.spent",
-                    "token.earned",
-                    "skill.leveled",
-                    "streak.ticked",
-                    "streak.milestone",
-                    "badge.awarded",
-                    "badge.ready",
-                    "buddy.evolved",
-                    "marketplace.purchased",
-                    "marketplace.equipped",
-                    "marketplace.unequipped",
-                    "skill.decayed",
-                    "token.spent",
-                ]
-            )
-            data: dict[str, Any]
-            if kind == "coins.earned":
-                amount = rng.randint(1, 50)
-                coins += amount
-                data = {"amount": amount, "balance": coins, "reason": "lesson_completed"}
-            elif kind == "coins.spent":
-                amount = rng.randint(0, coins)
-                coins -= amount
-                data = {"amount": amount, "balance": coins, "reason": "marketplace_purchase"}
-            elif kind in ("token.earned", "token.spent"):
-                amount = rng.randint(0, 3) if kind == "token.earned" else rng.randint(0, gems)
-                gems += amount if kind == "token.earned" else -amount
-                data = {"token_type": "gem", "amount": amount, "balance": gems}
-            elif kind == "skill.leveled":
-                data = {
-                    "skill_key": rng.choice(["grammar", "vocabulary"]),
-                    "from_level": 1,
-                    "to_level": rng.randint(2, 9),
-                    "value": rng.randint(1, 99),
-                }
-            elif kind == "skill.decayed":
-                data = {
-                    "skill_key": rng.choice(["grammar", "vocabulary"]),
-                    "previous_value": 50,
-                    "new_value": rng.randint(1, 49),
-                }
-            elif kind.startswith("streak."):
-                streak += 1
-                data = {"streak_key": "daily_lesson", "count": streak, "milestone": streak}
-            elif kind.startswith("badge."):
-                data = {"badge_id": rng.choice(["badge_a", "badge_b"])}
-            elif kind == "buddy.evolved":
-                stage += 1
-                data = {
-                    "previous_stage": stage - 1,
-                    "new_stage": stage,
-                    "image_url": f"https://cdn.example/{buddy_id}/{stage}.png",
-                }
-            else:
-                data = {"item_id": rng.choice(["item_hat", "item_scarf", "item_cape"])}
-            out.append({"type": kind, "buddy_id": buddy_id, "at": clock, "data": data})
-    return out
-
-
-def expected_states(deliveries: list[tuple[dict[str, str], bytes]]) -> dict[str, Buddy]:
-    """What the projector makes of the events in the order they happened."""
-    events: list[Event] = []
-    for headers, body in deliveries:
-        lower = {k.lower(): v for k, v in headers.items()}
-        verified = verify(body, lower, [SECRET], datetime.now(UTC).timestamp(), 300)
-        signed_at = datetime.fromtimestamp(verified.timestamp, UTC)
-        parsed = parse_delivery(body, lower, verified.format, signed_at)
-        assert parsed.event is not None
-        events.append(parsed.event)
-    by_buddy: dict[str, list[Event]] = defaultdict(list)
-    for event in sorted(events, key=lambda e: e.occurred_at):
-        by_buddy[event.buddy_id].append(event)
-    return {
-        buddy_id: project(None, buddy_id, list(enumerate(evs))).buddy
-        for buddy_id, evs in by_buddy.items()
-    }
 
 
 async def post_all(url: str, deliveries: list[tuple[dict[str, str], bytes]]) -> list[int]:
@@ -134,15 +32,6 @@ async def post_all(url: str, deliveries: list[tuple[dict[str, str], bytes]]) -> 
                 return r.status_code
 
         return list(await asyncio.gather(*(post(h, b) for h, b in deliveries)))
-
-
-async def mirrored_states(pool: store.Pool) -> dict[str, Buddy]:
-    out = {}
-    for buddy_id in [r["buddy_id"] for r in await pool.fetch("SELECT buddy_id FROM buddies")]:
-        found = await store.get_buddy(pool, buddy_id)
-        assert found is not None
-        out[buddy_id] = found[0]
-    return out
 
 
 async def test_delivery_is_stored_without_worker_and_applied_when_one_starts(
@@ -176,27 +65,11 @@ async def test_redis_down_at_receipt_is_recovered_by_the_sweeper(
 
 @pytest.mark.parametrize("fmt", ["v1", "v2"])
 async def test_shuffled_burst_ends_in_the_in_order_state(
-    settings: Settings, server: str, db: store.Pool, fmt: str
+    settings: Settings, server: str, db: store.Pool, fmt: Literal["v1", "v2"]
 ) -> None:
     rng = random.Random(20261123)
     stream = learning_day(buddies=50, per_buddy=20, rng=rng)
-    deliveries = []
-    for item in stream:
-        occurred = T0 + timedelta(seconds=item["at"])
-        data = dict(item["data"])
-        if fmt == "v2":
-            # v2 carries no event time; these payload fields give the order key instead.
-            data["occurred_at"] = occurred.isoformat().replace("+00:00", "Z")
-        deliveries.append(
-            build_delivery(
-                item["type"],
-                "v1" if fmt == "v1" else "v2",
-                secret=SECRET,
-                buddy_id=item["buddy_id"],
-                occurred_at=occurred,
-                data=data,
-            )
-        )
+    deliveries = signed(stream, fmt, rng)
     rng.shuffle(deliveries)
     # A few of Hatched's retries, re-sent after the originals.
     deliveries += deliveries[:25]
@@ -220,8 +93,6 @@ async def test_same_v1_event_under_two_delivery_ids_counts_once(
 ) -> None:
     first = build_delivery("coin.earned", "v1", secret=SECRET, buddy_id="buddy_twice")
     body = first[1].replace(b'"deliveryId":"', b'"deliveryId":"again_')
-    from service.signatures import signature_headers
-
     second_headers = {k: v for k, v in first[0].items() if k != "Hatched-Signature"}
     second_headers.pop("Hatched-Delivery-Id", None)
     second_headers.update(signature_headers(body, SECRET, int(datetime.now(UTC).timestamp()), "v1"))

@@ -1,0 +1,238 @@
+"""Nothing lost, nothing doubled: real processes, real faults, exact end states."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import pytest
+
+from service import store
+from service.config import Settings
+from service.projector import mirrored
+from service.samples import build_delivery
+from tests.conftest import SECRET, make_settings, running_worker, wait_settled
+from tests.harness import Process, Proxy, send_like_hatched, serve, service_env
+from tests.scenario import expected_states, learning_day, mirrored_states, signed
+
+pytestmark = pytest.mark.slow
+
+
+def _via(url: str, proxy: Proxy) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)
+    host = f"127.0.0.1:{proxy.port}"
+    return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    return parts.hostname, parts.port
+
+
+async def _assert_exact(db: store.Pool, deliveries: list[tuple[dict[str, str], bytes]]) -> None:
+    expected = expected_states(deliveries)
+    actual = await mirrored_states(db)
+    assert actual.keys() == expected.keys()
+    for buddy_id, buddy in expected.items():
+        assert mirrored(actual[buddy_id]) == mirrored(buddy), buddy_id
+    rows = await db.fetch("SELECT status, count(*) AS n FROM deliveries GROUP BY status")
+    statuses = {r["status"]: r["n"] for r in rows}
+    assert statuses == {"applied": len(deliveries)}, statuses
+    # One ledger row per coin/token delivery: none missing, none doubled.
+    currency = sum(1 for h, _ in deliveries if any(t in str(h) for t in ("coin", "token")))
+    assert await db.fetchval("SELECT count(*) FROM ledger") == currency
+
+
+def _burst(seed: int, buddies: int, per_buddy: int) -> list[tuple[dict[str, str], bytes]]:
+    rng = random.Random(seed)
+    deliveries = signed(learning_day(buddies, per_buddy, rng), "mixed", rng)
+    rng.shuffle(deliveries)
+    return deliveries
+
+
+async def test_worker_killed_mid_burst_applies_everything_exactly_once(
+    migrated: str, redis_url: str, db: store.Pool, redis: object, tmp_path: Path
+) -> None:
+    env = service_env(migrated, redis_url, MIRROR_APPLY_BATCH_SIZE="50")
+    deliveries = _burst(7, buddies=40, per_buddy=40)
+    log = tmp_path / "worker.log"
+    with serve(env, tmp_path / "serve.log") as url:
+        worker = Process(["worker"], env, log).start()
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            sending = asyncio.create_task(send_like_hatched(http, deliveries, concurrency=8))
+            kills = 0
+            while not sending.done() and kills < 4:
+                await asyncio.sleep(0.6)
+                worker.kill()
+                kills += 1
+                worker = Process(["worker"], env, log).start()
+            finals = await sending
+        assert kills >= 3, "the burst ended before the worker was killed three times"
+        assert finals == {202: len(deliveries)}
+        await wait_settled(db, within=60)
+        worker.stop()
+    await _assert_exact(db, deliveries)
+
+
+async def test_redis_unreachable_during_a_burst_loses_nothing(
+    migrated: str, redis_url: str, db: store.Pool, redis: object, tmp_path: Path
+) -> None:
+    proxy = await Proxy(*_host_port(redis_url)).start()
+    env = service_env(migrated, _via(redis_url, proxy))
+    deliveries = _burst(11, buddies=30, per_buddy=30)
+    try:
+        with serve(env, tmp_path / "serve.log") as url:
+            worker = Process(["worker"], env, tmp_path / "worker.log").start()
+            async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+                sending = asyncio.create_task(send_like_hatched(http, deliveries))
+                await asyncio.sleep(0.5)
+                await proxy.cut()
+                await asyncio.sleep(3)
+                await proxy.restore()
+                finals = await sending
+            assert finals == {202: len(deliveries)}, "a Redis outage must not cost a 2xx"
+            await wait_settled(db, within=60)
+            worker.stop()
+    finally:
+        await proxy.close()
+    await _assert_exact(db, deliveries)
+
+
+async def test_postgres_unreachable_for_the_receiver_answers_503_then_converges(
+    migrated: str, redis_url: str, db: store.Pool, redis: object, tmp_path: Path
+) -> None:
+    proxy = await Proxy(*_host_port(migrated)).start()
+    receiver_env = service_env(_via(migrated, proxy), redis_url)
+    worker_env = service_env(migrated, redis_url)
+    deliveries = _burst(13, buddies=30, per_buddy=30)
+    statuses: list[int] = []
+    try:
+        with serve(receiver_env, tmp_path / "serve.log") as url:
+            worker = Process(["worker"], worker_env, tmp_path / "worker.log").start()
+            async with httpx.AsyncClient(
+                base_url=url, timeout=10, event_hooks={"response": [_record(statuses)]}
+            ) as http:
+                sending = asyncio.create_task(send_like_hatched(http, deliveries))
+                await asyncio.sleep(0.5)
+                await proxy.cut()
+                await asyncio.sleep(2)
+                await proxy.restore()
+                finals = await sending
+            await wait_settled(db, within=60)
+            worker.stop()
+    finally:
+        await proxy.close()
+    assert 503 in statuses, "the outage was not seen by the sender"
+    assert set(finals) <= {200, 202} and sum(finals.values()) == len(deliveries)
+    await _assert_exact(db, deliveries)
+
+
+def _record(into: list[int]):  # type: ignore[no-untyped-def]
+    async def hook(response: httpx.Response) -> None:
+        into.append(response.status_code)
+
+    return hook
+
+
+async def test_poison_delivery_ends_dead_while_later_ones_apply(
+    migrated: str, redis_url: str, db: store.Pool, redis: object
+) -> None:
+    settings = make_settings(
+        migrated, redis_url, MIRROR_APPLY_MAX_ATTEMPTS="3", MIRROR_APPLY_BACKOFF_S="0.05"
+    )
+    from service.app import create_app
+    from tests.conftest import serving
+
+    buddy = "buddy_poison"
+    sequence = [
+        build_delivery("buddy.hatched", "v2", secret=SECRET, buddy_id=buddy),
+        # A balance no bigint holds (JSON carries it): the database refuses it, every time.
+        build_delivery(
+            "coins.earned",
+            "v2",
+            secret=SECRET,
+            buddy_id=buddy,
+            data={"amount": 1, "balance": 2**64 - 1, "occurred_at": "2026-01-01T00:00:01Z"},
+        ),
+        build_delivery(
+            "coins.earned",
+            "v2",
+            secret=SECRET,
+            buddy_id=buddy,
+            data={"amount": 5, "balance": 5, "occurred_at": "2026-01-01T00:00:02Z"},
+        ),
+        build_delivery("skill.leveled", "v1", secret=SECRET, buddy_id=buddy),
+    ]
+    async with serving(create_app(settings)) as url, running_worker(settings):
+        async with httpx.AsyncClient(base_url=url) as http:
+            for headers, body in sequence:
+                assert (
+                    await http.post("/webhooks/hatched", content=body, headers=headers)
+                ).status_code == 202
+        await wait_settled(db, within=30)
+    rows = await db.fetch("SELECT status, reason, attempts FROM deliveries ORDER BY seq")
+    assert [r["status"] for r in rows] == ["applied", "dead", "applied", "applied"]
+    assert rows[1]["attempts"] == 3 and "apply_error" in rows[1]["reason"]
+    found = await store.get_buddy(db, buddy)
+    assert found is not None
+    assert found[0].coins == 5 and "pronunciation" in found[0].skills
+
+
+async def test_rebuild_from_the_log_equals_the_live_state(
+    settings: Settings, db: store.Pool, tmp_path: Path
+) -> None:
+    from service.app import create_app
+    from tests.conftest import serving
+
+    deliveries = _burst(17, buddies=20, per_buddy=25)
+    async with serving(create_app(settings)) as url, running_worker(settings):
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            assert await send_like_hatched(http, deliveries) == {202: len(deliveries)}
+        await wait_settled(db)
+    live = {
+        r["buddy_id"]: (r["version"], r["updated_at"])
+        for r in await db.fetch("SELECT buddy_id, version, updated_at FROM buddies")
+    }
+    before = await mirrored_states(db)
+
+    env = service_env(settings.database_url or "", settings.redis_url or "")
+    rebuild = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "service", "rebuild"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert rebuild.returncode == 0, rebuild.stderr
+    assert "rebuilt 20 buddies, 0 changed" in rebuild.stdout
+    after = {
+        r["buddy_id"]: (r["version"], r["updated_at"])
+        for r in await db.fetch("SELECT buddy_id, version, updated_at FROM buddies")
+    }
+    assert after == live, "a rebuild of an up-to-date mirror changes nothing"
+
+    # Damage one buddy behind the service's back; a rebuild of it restores the live state.
+    victim = sorted(before)[0]
+    await db.execute("UPDATE buddies SET coins = -1, tokens = '{}' WHERE buddy_id = $1", victim)
+    rebuild = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "service", "rebuild", "--buddy-id", victim],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "1 changed" in rebuild.stdout
+    restored = await mirrored_states(db)
+    assert {b: mirrored(s) for b, s in restored.items()} == {
+        b: mirrored(s) for b, s in before.items()
+    }
+    await _assert_exact(db, deliveries)
