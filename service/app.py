@@ -38,6 +38,16 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ok" if status == 200 else "unavailable", **checks}, status)
 
 
+async def readyz_inbox(request: Request) -> Response:
+    """Ready to take deliveries: the inbox (Postgres) answers. Redis is not needed for a 202,
+    so an orchestrator that routes by this stays up through a Redis outage."""
+    state: AppState = request.app.state.mirror
+    ok = await _postgres_ok(state.pool)
+    return JSONResponse(
+        {"status": "ok" if ok else "unavailable", "postgres": ok}, 200 if ok else 503
+    )
+
+
 async def _postgres_ok(pool: store.Pool) -> bool:
     try:
         return bool(await pool.fetchval("SELECT 1"))

@@ -53,7 +53,10 @@ def migrate() -> None:
     """Apply sql/ migrations (idempotent; safe with several replicas at once)."""
     settings = _settings("migrate")
     assert settings.database_url is not None
-    applied = asyncio.run(_migrate(settings.database_url))
+    try:
+        applied = asyncio.run(_migrate(settings.database_url))
+    except store.MigrationError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
 
 

@@ -82,6 +82,10 @@ def migration_files(sql_dir: Path = SQL_DIR) -> list[tuple[str, str, str]]:
 
 async def migrate(conn: Conn, sql_dir: Path = SQL_DIR) -> list[str]:
     """Apply pending migrations under an advisory lock; returns the versions applied now."""
+    files = migration_files(sql_dir)
+    if not files:
+        # An install that lost its sql/ folder must not report "up to date".
+        raise MigrationError(f"no migrations found in {sql_dir} (set MIRROR_SQL_DIR)")
     applied_now = []
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
     try:
@@ -90,7 +94,7 @@ async def migrate(conn: Conn, sql_dir: Path = SQL_DIR) -> list[str]:
             r["version"]: r["checksum"]
             for r in await conn.fetch("SELECT version, checksum FROM schema_migrations")
         }
-        for version, checksum, text in migration_files(sql_dir):
+        for version, checksum, text in files:
             if version in done:
                 if done[version] != checksum:
                     raise MigrationError(f"migration {version} changed after it was applied")

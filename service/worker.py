@@ -7,6 +7,7 @@ designed for: a batch commits or not as a whole, and rows already final are neve
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from typing import Any
 
@@ -156,6 +157,10 @@ def create_worker(
         burst=burst,
         max_jobs=max(2, settings.db_pool_size - 1),
         keep_result=0,
+        # The liveness probe reads this key; per pod, so one worker's clean exit (which deletes
+        # its key) cannot fail the others', and fresh enough to catch a hung worker.
+        health_check_interval=10,
+        health_check_key=f"{settings.queue_name}:health-check:{socket.gethostname()}",
         poll_delay=settings.worker_poll_s,
         # SIGTERM: let the batch in hand commit before exiting.
         job_completion_wait=30,
