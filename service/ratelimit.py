@@ -5,12 +5,11 @@ atomic across any number of workers and web processes. The script reads the cloc
 `redis.call('TIME')`: every process measures refill against the same (server) clock, so skewed
 hosts neither over- nor under-spend.
 
-Sizing: the bucket refills at `rate_per_min / 60` tokens a second and holds at most
-`max(1, rate_per_min // 6)` tokens, i.e. about ten seconds of budget. A bucket holding a whole
-minute would let a fleet that sat idle (or just restarted) fire a full minute's quota at once and
-then keep going at the full rate, up to twice the plan inside one of Hatched's minute windows.
-Ten seconds keeps that overshoot to about a sixth, which the 429 path (`penalize`) absorbs, while
-still letting a short burst of refreshes go out without queueing.
+Sizing: the bucket holds at most `max(1, rate_per_min // 6)` tokens (about ten seconds of
+budget, so a short burst of refreshes goes out without queueing) and refills at
+`(rate_per_min - capacity) / 60` tokens a second. Any 60-second window then sees at most a full
+bucket plus one minute of refill, which is exactly `rate_per_min`: the fleet never exceeds the
+plan, even right after sitting idle, at the price of a steady rate a sixth below it.
 
 A fifth of the bucket is held back for priority callers (buddies with a detected inconsistency):
 normal callers only take a token when the reserve stays behind, so a backfill that saturates the
@@ -107,7 +106,7 @@ class RedisTokenBucket:
         self.capacity = capacity if capacity is not None else max(1, rate_per_min // 6)
         if self.capacity < 1:
             raise ValueError("capacity must be at least 1")
-        self.refill_per_s = rate_per_min / 60
+        self.refill_per_s = max(rate_per_min - self.capacity, 1) / 60
         self.reserve = self.capacity * reserve_ratio
         # The hash tag keeps both keys in one slot, which a script on Redis Cluster requires.
         prefix = f"hatched-mirror:ratelimit:{{{name}}}"

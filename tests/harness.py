@@ -118,18 +118,24 @@ class Proxy:
         return self
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers = [writer]
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
+            writers.append(up_writer)
+            tasks = [
+                asyncio.create_task(self._pipe(reader, up_writer)),
+                asyncio.create_task(self._pipe(up_reader, writer)),
+            ]
+            self._pipes.update(tasks)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._pipes.difference_update(tasks)
         except OSError:
-            writer.close()
-            return
-        tasks = [
-            asyncio.create_task(self._pipe(reader, up_writer)),
-            asyncio.create_task(self._pipe(up_reader, writer)),
-        ]
-        self._pipes.update(tasks)
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._pipes.difference_update(tasks)
+            pass
+        finally:
+            for w in writers:
+                w.close()
+                with contextlib.suppress(Exception):
+                    await w.wait_closed()
 
     @staticmethod
     async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

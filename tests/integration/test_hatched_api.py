@@ -202,12 +202,14 @@ async def test_retry_after_beyond_the_cap_is_raised(fake: FakeHatched, base_url:
 
 
 async def test_the_fakes_own_rate_limit_is_survived(fake: FakeHatched, base_url: str) -> None:
-    fake.rate_limit_per_min, fake.rate_window_s = 3, 1.0
+    # One call per 2 s window and three calls: however the calls fall across the fixed windows,
+    # two of them share one, so the fake must answer at least one 429 that the client survives.
+    fake.rate_limit_per_min, fake.rate_window_s = 1, 2.0
     async with client(base_url, fake.api_key) as api:
-        for _ in range(5):
+        for _ in range(3):
             assert await api.get_buddy("buddy_1") is not None
     statuses = fake.statuses(GET_BUDDY)
-    assert statuses[200] == 5 and statuses[429] >= 1
+    assert statuses[200] == 3 and statuses[429] >= 1
 
 
 # --- the shared budget ----------------------------------------------------------------------

@@ -556,7 +556,8 @@ def test_bucket_sizing(rate: int, capacity: int, reserve: float) -> None:
     bucket = RedisTokenBucket(aioredis.Redis(), rate)
     assert bucket.capacity == capacity
     assert bucket.reserve == pytest.approx(reserve)
-    assert bucket.refill_per_s == pytest.approx(rate / 60)
+    # A full bucket plus one minute of refill is exactly the plan: never more in any minute.
+    assert bucket.capacity + bucket.refill_per_s * 60 == pytest.approx(max(rate, capacity + 1))
 
 
 def test_bucket_rejects_nonsense() -> None:
