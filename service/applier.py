@@ -14,8 +14,9 @@ import asyncpg
 import structlog
 
 from service import store
-from service.events import Event, parse_delivery
+from service.events import Event, Parsed, parse_delivery
 from service.projector import Buddy, mirrored, project
+from service.refresh import REFRESH_EVENT, parse_snapshot
 
 log = structlog.get_logger(__name__)
 
@@ -29,6 +30,11 @@ class BatchResult:
     retried: int = 0
     inconsistencies: int = 0
     changed: list[tuple[str, int]] = field(default_factory=list)
+    # Buddies that webhooks (not refreshes) moved, those that broke rule 5's balance check,
+    # and the fields refreshes had to correct: what the refresh scheduler and metrics need.
+    touched: set[str] = field(default_factory=set)
+    inconsistent: set[str] = field(default_factory=set)
+    drift: list[str] = field(default_factory=list)
 
     def add(self, other: BatchResult, *, claimed: bool = True) -> None:
         self.claimed += other.claimed if claimed else 0
@@ -38,6 +44,9 @@ class BatchResult:
         self.retried += other.retried
         self.inconsistencies += other.inconsistencies
         self.changed.extend(other.changed)
+        self.touched |= other.touched
+        self.inconsistent |= other.inconsistent
+        self.drift.extend(other.drift)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,9 +128,15 @@ async def _apply_group(
         result.retried += 1
 
 
+def parse_row(row: asyncpg.Record) -> Parsed:
+    """A stored delivery, read again from its raw bytes: webhooks and REST snapshots alike."""
+    if row["format"] == "rest":
+        return parse_snapshot(row["delivery_id"], bytes(row["body"]), row["signed_at"])
+    return parse_delivery(bytes(row["body"]), row["headers"], row["format"], row["signed_at"])
+
+
 def _buddy_of(row: asyncpg.Record) -> str | None:
-    parsed = parse_delivery(bytes(row["body"]), row["headers"], row["format"], row["signed_at"])
-    return parsed.buddy_id
+    return parse_row(row).buddy_id
 
 
 async def _apply_rows(conn: store.Conn, rows: list[asyncpg.Record]) -> BatchResult:
@@ -131,7 +146,7 @@ async def _apply_rows(conn: store.Conn, rows: list[asyncpg.Record]) -> BatchResu
     finished: list[tuple[int, str, str | None]] = []
     events: dict[str, list[tuple[int, Event]]] = defaultdict(list)
     for row in rows:
-        parsed = parse_delivery(bytes(row["body"]), row["headers"], row["format"], row["signed_at"])
+        parsed = parse_row(row)
         if parsed.status != "accepted" or parsed.event is None:
             # The receiver classifies these already; a changed parser may reclassify on replay.
             finished.append((row["seq"], parsed.status, parsed.reason))
@@ -165,6 +180,12 @@ async def _apply_rows(conn: store.Conn, rows: list[asyncpg.Record]) -> BatchResu
         outcome = project(state, buddy_id, evs)
         ledger.extend(outcome.ledger)
         result.inconsistencies += outcome.inconsistencies
+        if outcome.inconsistencies:
+            result.inconsistent.add(buddy_id)
+        if state is not None:
+            result.drift.extend(outcome.drift)
+        if any(e.type != REFRESH_EVENT for _, e in evs):
+            result.touched.add(buddy_id)
         if state is None or outcome.buddy != state:
             changed = state is None or mirrored(outcome.buddy) != mirrored(state)
             new_version = version + 1 if changed else version
@@ -191,9 +212,7 @@ async def rebuild_buddy(conn: store.Conn, buddy_id: str) -> bool:
         current = await store.lock_buddies(conn, [buddy_id])
         events = []
         for row in await store.applied_deliveries(conn, buddy_id):
-            parsed = parse_delivery(
-                bytes(row["body"]), row["headers"], row["format"], row["signed_at"]
-            )
+            parsed = parse_row(row)
             if parsed.event is not None and parsed.status == "accepted":
                 events.append((row["seq"], parsed.event))
         outcome = project(None, buddy_id, events)

@@ -231,7 +231,7 @@ async def _rebuild(settings: Settings, buddy_ids: list[str]) -> tuple[int, int]:
     try:
         async with pool.acquire() as conn:
             count = len(buddy_ids) or await store.count_buddies(conn)
-            with tqdm(total=count, unit="buddy", disable=None) as bar:
+            with tqdm(total=count, unit="buddy", desc="rebuild", mininterval=1.0) as bar:
                 after = None
                 while True:
                     page = buddy_ids if buddy_ids else await store.buddy_ids_page(conn, after, 500)
@@ -245,6 +245,65 @@ async def _rebuild(settings: Settings, buddy_ids: list[str]) -> tuple[int, int]:
     finally:
         await pool.close()
     return changed, total
+
+
+@main.command()
+@click.option("--buddy-id", "buddy_ids", multiple=True, help="repeatable")
+@click.option("--user-id", "user_ids", multiple=True, help="repeatable: every active buddy")
+@click.option("--all", "everything", is_flag=True, help="every active buddy of the account")
+def backfill(buddy_ids: tuple[str, ...], user_ids: tuple[str, ...], everything: bool) -> None:
+    """Load buddies from Hatched's REST API (resumable; within the shared rate budget)."""
+    from service.backfill import Target
+
+    if sum(map(bool, (buddy_ids, user_ids, everything))) != 1:
+        raise click.UsageError("give exactly one of --buddy-id, --user-id or --all")
+    settings = _settings("worker")
+    if not settings.hatched_api_enabled:
+        raise click.ClickException("backfill needs HATCHED_API_URL and HATCHED_API_KEY")
+    if everything:
+        target = Target("all")
+    elif buddy_ids:
+        target = Target("buddy", buddy_ids)
+    else:
+        target = Target("user", user_ids)
+    loaded = asyncio.run(_backfill(settings, target))
+    click.echo(f"backfill loaded {loaded} buddies; the worker applies them")
+
+
+async def _backfill(settings: Settings, target: Any) -> int:
+    from arq.connections import create_pool as create_redis
+    from tqdm import tqdm
+
+    from service import backfill, metrics
+    from service.hatched_api import HatchedAPI
+    from service.queue import redis_settings
+    from service.ratelimit import RedisTokenBucket
+
+    assert settings.database_url is not None and settings.redis_url is not None
+    pool = await store.create_pool(settings.database_url, size=2, timeout_s=settings.db_timeout_s)
+    redis = await create_redis(
+        redis_settings(settings.redis_url, settings.redis_timeout_s),
+        default_queue_name=settings.queue_name,
+    )
+    bucket = RedisTokenBucket(redis, settings.hatched_api_rate_per_min)
+    api = HatchedAPI.from_settings(settings, bucket=bucket, on_request=metrics.observe_hatched_call)
+    total = len(target.ids) if target.kind == "buddy" else None
+    try:
+        # Always shown (also in CI logs and pods), not only on a terminal.
+        with tqdm(total=total, unit="buddy", desc="backfill", mininterval=1.0) as bar:
+            return await backfill.run(
+                target,
+                api=api,
+                pool=pool,
+                redis=redis,
+                queue_name=settings.queue_name,
+                shards=settings.shards,
+                progress=bar.update,
+            )
+    finally:
+        await api.aclose()
+        await redis.aclose()
+        await pool.close()
 
 
 @main.command("send-test-event")

@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     hatched_api_url: str | None = Field(default=None, alias="HATCHED_API_URL")
     hatched_api_key: str | None = Field(default=None, alias="HATCHED_API_KEY")
     hatched_api_rate_per_min: int = Field(default=100, ge=1, alias="HATCHED_API_RATE_PER_MIN")
+    hatched_api_timeout_s: float = Field(default=10.0, gt=0, alias="HATCHED_API_TIMEOUT_S")
     cors_origins: CsvList = Field(default_factory=list, alias="MIRROR_CORS_ORIGINS")
     max_body_bytes: int = Field(default=1_048_576, ge=1024, alias="MIRROR_MAX_BODY_BYTES")
 
@@ -45,6 +46,8 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(
         default=9101, ge=0, le=65535, alias="MIRROR_WORKER_METRICS_PORT"
     )
+    refresh_settle_s: float = Field(default=30.0, ge=0, alias="MIRROR_REFRESH_SETTLE_S")
+    reconcile_after_s: float = Field(default=0.0, ge=0, alias="MIRROR_RECONCILE_AFTER_S")
     sweep_after_s: float = Field(default=5.0, gt=0, alias="MIRROR_SWEEP_AFTER_S")
     worker_poll_s: float = Field(default=0.02, gt=0, le=5, alias="MIRROR_WORKER_POLL_S")
     db_pool_size: int = Field(default=10, ge=1, le=200, alias="MIRROR_DB_POOL_SIZE")

@@ -27,7 +27,17 @@ def configure(fmt: str = "json", level: int = logging.INFO) -> None:
     )
     # uvicorn and arq log through the standard library; give them the same shape.
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(structlog.stdlib.ProcessorFormatter(processors=[*shared[1:], renderer]))
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                *shared[1:],
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                renderer,
+            ]
+        )
+    )
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level)
+    # One line per outgoing REST call is noise; the hatched_api_requests_total metric counts them.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -35,6 +35,22 @@ INBOX_PENDING = Gauge("hatched_inbox_pending", "Deliveries waiting to be applied
 DEAD = Gauge("hatched_inbox_dead", "Deliveries in status dead, waiting for a replay.")
 STREAM_CLIENTS = Gauge("hatched_stream_clients", "Live SSE clients of this process.")
 PRUNED = Counter("hatched_pruned_deliveries_total", "Applied deliveries deleted after retention.")
+HATCHED_CALLS = Counter(
+    "hatched_api_requests_total",
+    "Calls to Hatched's REST API, by route and HTTP status (429: rate limited; none: no answer).",
+    ["route", "status"],
+)
+HATCHED_SECONDS = Histogram("hatched_api_request_seconds", "Hatched REST API latency.", ["route"])
+REFRESHES = Counter(
+    "hatched_refreshes_total",
+    "Buddy refreshes from the REST API, by outcome (stored, failed, not_found, skipped_budget).",
+    ["outcome"],
+)
+REFRESH_DRIFT = Counter(
+    "hatched_refresh_drift_fields_total",
+    "Mirrored fields a REST refresh had to correct (webhooks alone had drifted).",
+    ["field"],
+)
 SWEPT = Counter("hatched_sweep_wakeups_total", "Shards re-woken by the sweeper.")
 
 
@@ -47,3 +63,8 @@ async def refresh_inbox_gauges(conn: store.Executor) -> None:
     INBOX_PENDING.set(pending)
     INBOX_LAG.set(lag_s)
     DEAD.set(dead)
+
+
+def observe_hatched_call(route: str, status: int | None, seconds: float) -> None:
+    HATCHED_CALLS.labels(route=route, status=str(status) if status is not None else "none").inc()
+    HATCHED_SECONDS.labels(route=route).observe(seconds)

@@ -57,11 +57,15 @@ class Buddy:
     hatched_at: datetime | None = None
     last_event_at: datetime | None = None
     refreshed_at: datetime | None = None
+    # The buddy object as Hatched's REST API last returned it (unknown fields included).
+    remote_snapshot: dict[str, Any] | None = None
     # Internal bookkeeping: order keys per field, pending token deltas. Never served.
     clock: dict[str, Any] = field(default_factory=dict)
 
 
 STATE_FIELDS = tuple(f.name for f in fields(Buddy))
+# The snapshot is kept for reference; only what it maps to is mirrored state.
+_MIRRORED = tuple(name for name in STATE_FIELDS if name not in ("clock", "remote_snapshot"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,8 @@ class Outcome:
     # Rule 5: a balance that does not follow from the previous one means a missed or
     # reordered event; the worker counts these and may schedule a REST refresh.
     inconsistencies: int = 0
+    # Names of public fields a REST refresh corrected: how far webhooks alone had drifted.
+    drift: list[str] = field(default_factory=list)
 
 
 def project(state: Buddy | None, buddy_id: str, events: Iterable[tuple[int, Event]]) -> Outcome:
@@ -129,7 +135,7 @@ def public_view(buddy: Buddy, version: int, updated_at: datetime) -> dict[str, A
 
 def mirrored(buddy: Buddy) -> tuple[Any, ...]:
     """What a reader can see; the version grows only when this changes."""
-    return tuple(getattr(buddy, name) for name in STATE_FIELDS if name != "clock")
+    return tuple(getattr(buddy, name) for name in _MIRRORED)
 
 
 def _iso_or_none(dt: datetime | None) -> str | None:
@@ -210,6 +216,8 @@ def _apply(outcome: Outcome, event: Event, seq: int) -> None:
         _streak(buddy, event, key)
     elif kind.startswith("marketplace."):
         _item(buddy, event, key)
+    elif kind == "buddy.refreshed":
+        _refreshed(outcome, event, key)
 
 
 def _hatched(buddy: Buddy, event: Event, key: Key) -> None:
@@ -263,33 +271,48 @@ def _currency(outcome: Outcome, event: Event, seq: int, key: Key) -> None:
             occurred_at=event.occurred_at,
         )
     )
+    outcome.inconsistencies += _move(buddy, currency, key, balance=balance, signed=signed)
+
+
+def _move(
+    buddy: Buddy, currency: str, key: Key, *, balance: int | None, signed: int | None
+) -> bool:
+    """Set or move one balance under last-writer-wins; True when it broke rule 5's check."""
     slot = f"cur:{currency}"
     entry = buddy.clock.get(slot)
     previous = _balance(entry) if entry is not None else None
+    inconsistent = False
     if balance is not None:
         base_key = entry["k"] if entry is not None else None
         if base_key is not None and tuple(base_key) >= key:
-            return
-        if previous is not None and base_key is not None and previous != balance - signed:
-            outcome.inconsistencies += 1
+            return False
+        inconsistent = (
+            signed is not None
+            and previous is not None
+            and base_key is not None
+            and previous != balance - signed
+        )
         # Deltas newer than this balance still apply on top of it; older ones are inside it.
         later = [d for d in (entry["d"] if entry else []) if (d[0], d[1]) > key]
         entry = {"k": list(key), "b": balance, "d": later}
-    else:
+    elif signed is not None:
         # No balance in the payload (token events may omit it): count the movement itself,
         # remembering its key so a later-arriving balance can tell what it already includes.
         entry = entry if entry is not None else {"k": None, "b": 0, "d": []}
         if entry["k"] is not None and tuple(entry["k"]) >= key:
-            return
+            return False
         if any((d[0], d[1]) == key for d in entry["d"]):
-            return
+            return False
         entry["d"] = sorted([*entry["d"], [key[0], key[1], signed]])
+    else:
+        return False
     buddy.clock[slot] = entry
     value = _balance(entry)
-    if is_coins:
+    if currency == "coins":
         buddy.coins = value
     else:
         buddy.tokens = {**buddy.tokens, currency: value}
+    return inconsistent
 
 
 def _balance(entry: dict[str, Any]) -> int:
@@ -360,3 +383,91 @@ def _item(buddy: Buddy, event: Event, key: Key) -> None:
     if _newer(buddy, f"equip:{item_id}", key):
         others = [i for i in buddy.items_equipped if i != item_id]
         buddy.items_equipped = sorted([*others, item_id] if equipped else others)
+
+
+_SNAPSHOT_TEXT = (
+    "audience",
+    "egg_id",
+    "name",
+    "status",
+    "config_version_id",
+    "thumb_url",
+    "base_image_url",
+)
+
+
+def _refreshed(outcome: Outcome, event: Event, key: Key) -> None:
+    """An authoritative snapshot from Hatched's REST API, fetched at `occurred_at`.
+
+    Every field it carries wins over anything older than the fetch; events that happened after
+    it still apply on top. Badges and owned items it omits are kept: the documented shape lists
+    awarded badges and equipped items only.
+    """
+    buddy, data = outcome.buddy, event.data
+    before = {name: getattr(buddy, name) for name in _MIRRORED}
+    for name in _SNAPSHOT_TEXT:
+        value = _str(data.get(name))
+        if value is not None and _newer(buddy, name, key):
+            setattr(buddy, name, value)
+    _stage(buddy, _int(data.get("evolution_stage")), _str(data.get("image_url")), key)
+    if (coins := _int(data.get("coins"))) is not None:
+        _move(buddy, "coins", key, balance=coins, signed=None)
+    for token, balance in (data.get("tokens") or {}).items():
+        if (amount := _int(balance)) is not None:
+            _move(buddy, str(token), key, balance=amount, signed=None)
+    for skill_key, skill in (data.get("skills") or {}).items():
+        _skill(
+            buddy,
+            {"skill_key": skill_key},
+            key,
+            level=_int(skill.get("level")),
+            value=_int(skill.get("value")),
+        )
+    for badge_id, badge in (data.get("badges") or {}).items():
+        rank = [_BADGE_RANK.get(badge.get("status"), 2), *key]
+        current = buddy.clock.get(f"badge:{badge_id}")
+        if current is None or rank > current:
+            buddy.clock[f"badge:{badge_id}"] = rank
+            status = "ready" if rank[0] == 1 else "awarded"
+            awarded = _parse_time(badge.get("awarded_at")) if status == "awarded" else None
+            awarded_at = iso(awarded or event.occurred_at) if status == "awarded" else None
+            buddy.badges = {**buddy.badges, badge_id: {"status": status, "awarded_at": awarded_at}}
+    for streak_key, streak in (data.get("streaks") or {}).items():
+        current_streak = dict(
+            buddy.streaks.get(streak_key, {"count": None, "last_milestone": None})
+        )
+        if (count := _int(streak.get("count"))) is not None and _newer(
+            buddy, f"streak:{streak_key}:count", key
+        ):
+            current_streak["count"] = count
+        milestone = _int(streak.get("last_milestone"))
+        if milestone is not None and _newer(buddy, f"streak:{streak_key}:milestone", key):
+            current_streak["last_milestone"] = milestone
+        buddy.streaks = {**buddy.streaks, streak_key: current_streak}
+    equipped = {str(i) for i in data.get("equipped_item_ids") or ()}
+    for item in sorted(equipped | set(buddy.items_equipped)):
+        if _newer(buddy, f"equip:{item}", key):
+            others = [i for i in buddy.items_equipped if i != item]
+            buddy.items_equipped = sorted([*others, item] if item in equipped else others)
+    owned = data.get("owned_item_ids")
+    if owned is not None and _newer(buddy, "items_owned", key):
+        buddy.items_owned = sorted({str(i) for i in owned} | equipped)
+    elif equipped - set(buddy.items_owned):
+        buddy.items_owned = sorted(set(buddy.items_owned) | equipped)
+    for name in ("appearance", "progression"):
+        block = data.get(name)
+        if isinstance(block, dict) and _newer(buddy, name, key):
+            setattr(buddy, name, block)
+    created = data.get("created_at")
+    if buddy.hatched_at is None and isinstance(created, datetime):
+        buddy.hatched_at = created
+    if buddy.refreshed_at is None or event.occurred_at > buddy.refreshed_at:
+        buddy.refreshed_at = event.occurred_at
+    raw = data.get("raw")
+    if isinstance(raw, dict) and _newer(buddy, "remote_snapshot", key):
+        buddy.remote_snapshot = raw
+    outcome.drift.extend(
+        name
+        for name in _MIRRORED
+        if name not in ("refreshed_at", "hatched_at") and getattr(buddy, name) != before[name]
+    )

@@ -33,11 +33,39 @@ def wake_key(queue_name: str, shard: int) -> str:
     return f"{queue_name}:wake:{shard}"
 
 
+async def wake(redis: ArqRedis, queue_name: str, shard: int, *, force: bool = False) -> None:
+    """Queue a wake-up for `shard` unless one is already waiting (`force`: queue it anyway)."""
+    key = wake_key(queue_name, shard)
+    if force:
+        await redis.set(key, b"1", ex=WAKE_TTL_S)
+    elif not await redis.set(key, b"1", nx=True, ex=WAKE_TTL_S):
+        return
+    await redis.enqueue_job(APPLY_JOB, shard, _queue_name=queue_name)
+
+
 def redis_settings(url: str, timeout_s: float) -> RedisSettings:
     settings = RedisSettings.from_dsn(url)
     settings.conn_timeout = max(1, round(timeout_s))
     settings.conn_retries = 0
     return settings
+
+
+async def request_refresh(
+    redis: ArqRedis, queue_name: str, buddy_id: str, *, priority: bool, delay_s: float = 0.0
+) -> None:
+    """One queued refresh per buddy (and kind): a burst of events costs one REST call.
+
+    Priority refreshes (a broken balance check, an operator's request) have their own job id,
+    so an ordinary one already waiting cannot swallow them.
+    """
+    await redis.enqueue_job(
+        REFRESH_JOB,
+        buddy_id,
+        priority,
+        _job_id=f"refresh{'!' if priority else ''}:{buddy_id}",
+        _defer_by=delay_s or None,
+        _queue_name=queue_name,
+    )
 
 
 class Waker:
@@ -84,8 +112,7 @@ class Waker:
             return False
         try:
             async with asyncio.timeout(self._timeout):
-                if await redis.set(wake_key(self._queue, shard), b"1", nx=True, ex=WAKE_TTL_S):
-                    await redis.enqueue_job(APPLY_JOB, shard, _queue_name=self._queue)
+                await wake(redis, self._queue, shard)
             return True
         except Exception as exc:  # any Redis failure: the sweeper covers it
             self._fail(exc)
@@ -100,13 +127,8 @@ class Waker:
             return False
         try:
             async with asyncio.timeout(self._timeout):
-                await redis.enqueue_job(
-                    REFRESH_JOB,
-                    buddy_id,
-                    priority,
-                    _job_id=f"refresh:{buddy_id}",
-                    _defer_by=delay_s or None,
-                    _queue_name=self._queue,
+                await request_refresh(
+                    redis, self._queue, buddy_id, priority=priority, delay_s=delay_s
                 )
             return True
         except Exception as exc:

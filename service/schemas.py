@@ -87,7 +87,7 @@ class EventOut(_Out):
     delivery_id: str
     event_id: str | None
     type: str | None
-    format: Literal["v1", "v2"]
+    format: Literal["v1", "v2", "rest"]
     occurred_at: str | None
     received_at: str
     applied_at: str | None
@@ -108,7 +108,7 @@ class DeliveryOut(_Out):
     attempts: int
     type: str | None
     buddy_id: str | None
-    format: Literal["v1", "v2"]
+    format: Literal["v1", "v2", "rest"]
     occurred_at: str | None
     received_at: str
     applied_at: str | None

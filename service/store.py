@@ -501,3 +501,35 @@ async def buddy_ids_page(conn: Executor, after: str | None, limit: int) -> list[
 async def count_buddies(conn: Executor) -> int:
     count: int = await conn.fetchval("SELECT count(*) FROM buddies")
     return count
+
+
+DUE_FOR_REFRESH = """
+SELECT buddy_id FROM buddies
+WHERE refreshed_at IS NULL OR refreshed_at < now() - make_interval(secs => $1)
+ORDER BY refreshed_at NULLS FIRST, buddy_id
+LIMIT $2
+"""
+
+
+async def due_for_refresh(conn: Executor, older_than_s: float, limit: int) -> list[str]:
+    return [r["buddy_id"] for r in await conn.fetch(DUE_FOR_REFRESH, older_than_s, limit)]
+
+
+GET_CHECKPOINT = "SELECT cursor, done, finished FROM backfill_checkpoints WHERE run_key = $1"
+SAVE_CHECKPOINT = """
+INSERT INTO backfill_checkpoints (run_key, cursor, done, finished, updated_at)
+VALUES ($1, $2, $3, $4, now())
+ON CONFLICT (run_key) DO UPDATE
+SET cursor = EXCLUDED.cursor, done = EXCLUDED.done, finished = EXCLUDED.finished, updated_at = now()
+"""
+
+
+async def get_checkpoint(conn: Executor, run_key: str) -> tuple[str | None, int, bool] | None:
+    row = await conn.fetchrow(GET_CHECKPOINT, run_key)
+    return (row["cursor"], row["done"], row["finished"]) if row is not None else None
+
+
+async def save_checkpoint(
+    conn: Executor, run_key: str, cursor: str | None, done: int, finished: bool
+) -> None:
+    await conn.execute(SAVE_CHECKPOINT, run_key, cursor, done, finished)

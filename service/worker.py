@@ -11,15 +11,26 @@ import socket
 import time
 from typing import Any
 
+import httpx
 import structlog
 from arq import cron
 from arq.worker import Worker, func
 from redis.exceptions import RedisError
 
-from service import metrics, store
-from service.applier import ApplyLimits, drain_shard
+from service import metrics, refresh, store
+from service.applier import ApplyLimits, BatchResult, drain_shard
 from service.config import Settings
-from service.queue import APPLY_JOB, WAKE_TTL_S, redis_settings, wake_key
+from service.hatched_api import BudgetExhausted, HatchedAPI, HatchedAPIError
+from service.queue import (
+    APPLY_JOB,
+    REFRESH_JOB,
+    redis_settings,
+    request_refresh,
+    shard_of,
+    wake,
+    wake_key,
+)
+from service.ratelimit import RedisTokenBucket
 
 log = structlog.get_logger(__name__)
 
@@ -36,8 +47,20 @@ async def startup(ctx: dict[str, Any]) -> None:
         backoff_s=settings.apply_backoff_s,
     )
 
+    ctx["hatched"] = None
+    if settings.hatched_api_enabled:
+        bucket = RedisTokenBucket(ctx["redis"], settings.hatched_api_rate_per_min)
+        ctx["hatched"] = HatchedAPI.from_settings(
+            settings,
+            bucket=bucket,
+            on_request=metrics.observe_hatched_call,
+            timeout=httpx.Timeout(settings.hatched_api_timeout_s, connect=5),
+        )
+
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    if ctx.get("hatched") is not None:
+        await ctx["hatched"].aclose()
     pool = ctx.get("pool")
     if pool is not None:
         await pool.close()
@@ -64,6 +87,9 @@ async def apply_shard(ctx: dict[str, Any], shard: int) -> int:
             metrics.APPLIED.labels(status=status).inc(count)
     if result.inconsistencies:
         metrics.INCONSISTENCIES.inc(result.inconsistencies)
+    for field_name in result.drift:
+        metrics.REFRESH_DRIFT.labels(field=field_name).inc()
+    await _schedule_refreshes(ctx, result)
     if result.claimed:
         log.info(
             "shard_drained",
@@ -76,14 +102,79 @@ async def apply_shard(ctx: dict[str, Any], shard: int) -> int:
     return result.claimed
 
 
+async def _schedule_refreshes(ctx: dict[str, Any], result: BatchResult) -> None:
+    """With the REST API on: a broken balance check asks for a refresh now, with priority;
+    any buddy webhooks moved gets one once its deliveries settle (one per burst, coalesced)."""
+    settings: Settings = ctx["settings"]
+    if ctx.get("hatched") is None:
+        return
+    for buddy_id in sorted(result.inconsistent):
+        await request_refresh(
+            ctx["redis"], settings.queue_name, buddy_id, priority=True, delay_s=1.0
+        )
+    if settings.refresh_settle_s > 0:
+        for buddy_id in sorted(result.touched - result.inconsistent):
+            await request_refresh(
+                ctx["redis"],
+                settings.queue_name,
+                buddy_id,
+                priority=False,
+                delay_s=settings.refresh_settle_s,
+            )
+
+
+async def refresh_buddy(ctx: dict[str, Any], buddy_id: str, priority: bool = False) -> str:
+    """Fetch one buddy from Hatched and put the snapshot in the inbox, to apply like any other
+    delivery. A failure leaves mirrored state exactly as it was."""
+    settings: Settings = ctx["settings"]
+    api: HatchedAPI | None = ctx.get("hatched")
+    if api is None:
+        return "disabled"
+    try:
+        remote = await api.get_buddy(buddy_id, priority=priority)
+    except BudgetExhausted:
+        # The budget is spent on more urgent work; reconciliation comes back to this buddy.
+        metrics.REFRESHES.labels(outcome="skipped_budget").inc()
+        return "skipped_budget"
+    except HatchedAPIError as exc:
+        metrics.REFRESHES.labels(outcome="failed").inc()
+        log.warning("refresh_failed", buddy_id=buddy_id, code=exc.code, status=exc.status)
+        return "failed"
+    if remote is None:
+        metrics.REFRESHES.labels(outcome="not_found").inc()
+        log.warning("refresh_not_found", buddy_id=buddy_id)
+        return "not_found"
+    await refresh.store_snapshot(ctx["pool"], remote, shards=settings.shards)
+    await wake(ctx["redis"], settings.queue_name, shard_of(buddy_id, settings.shards))
+    metrics.REFRESHES.labels(outcome="stored").inc()
+    return "stored"
+
+
+async def reconcile(ctx: dict[str, Any]) -> int:
+    """Refresh the buddies refreshed longest ago (never first), within a share of the budget.
+
+    Heals what webhooks alone cannot: deliveries Hatched gave up on while the mirror was down.
+    """
+    settings: Settings = ctx["settings"]
+    if ctx.get("hatched") is None or settings.reconcile_after_s <= 0:
+        return 0
+    # Half a minute's budget per run (it runs every minute): live refreshes keep the rest.
+    limit = max(1, settings.hatched_api_rate_per_min // 2)
+    due = await store.due_for_refresh(ctx["pool"], settings.reconcile_after_s, limit)
+    for buddy_id in due:
+        await request_refresh(ctx["redis"], settings.queue_name, buddy_id, priority=False)
+    if due:
+        log.info("reconcile_queued", buddies=len(due))
+    return len(due)
+
+
 async def sweep(ctx: dict[str, Any]) -> int:
     """Re-wake shards whose deliveries waited too long: a lost wake-up or a Redis outage."""
     settings: Settings = ctx["settings"]
     pool = ctx["pool"]
     shards = await store.stalled_shards(pool, settings.sweep_after_s)
     for shard in shards:
-        await ctx["redis"].set(wake_key(settings.queue_name, shard), b"1", ex=WAKE_TTL_S)
-        await ctx["redis"].enqueue_job(APPLY_JOB, shard, _queue_name=settings.queue_name)
+        await wake(ctx["redis"], settings.queue_name, shard, force=True)
     if shards:
         metrics.SWEPT.inc(len(shards))
         log.warning("sweep_rewoke", shards=shards)
@@ -143,10 +234,14 @@ def create_worker(
     assert settings.redis_url is not None
     every = max(1, round(settings.sweep_after_s / 2))
     return MirrorWorker(
-        functions=[func(apply_shard, name=APPLY_JOB, max_tries=1000)],
+        functions=[
+            func(apply_shard, name=APPLY_JOB, max_tries=1000),
+            func(refresh_buddy, name=REFRESH_JOB, max_tries=3),
+        ],
         cron_jobs=[
             cron(sweep, second=set(range(0, 60, every)), run_at_startup=True),
             cron(prune, minute=set(range(0, 60, 10)), second=30),
+            cron(reconcile, second=15),
         ],
         redis_settings=redis_settings(settings.redis_url, settings.redis_timeout_s),
         queue_name=settings.queue_name,
@@ -172,7 +267,12 @@ async def stop(worker: Worker, main: asyncio.Task[None], grace_s: float = 30.0) 
     worker.allow_pick_jobs = False
     running = [t for t in worker.tasks.values() if not t.done()]
     if running:
-        await asyncio.wait(running, timeout=grace_s)
+        _, late = await asyncio.wait(running, timeout=grace_s)
+        # Past the grace period a job is cancelled: its transaction rolls back and the
+        # sweeper (or arq's retry) applies its deliveries later.
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
     main.cancel()
     await asyncio.gather(main, return_exceptions=True)
     await worker.close()

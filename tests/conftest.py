@@ -63,7 +63,9 @@ async def pool(migrated: str) -> AsyncIterator[store.Pool]:
 @pytest.fixture
 async def db(pool: store.Pool) -> store.Pool:
     """A clean mirror for each test."""
-    await pool.execute("TRUNCATE deliveries, buddies, ledger RESTART IDENTITY")
+    await pool.execute(
+        "TRUNCATE deliveries, buddies, ledger, backfill_checkpoints RESTART IDENTITY"
+    )
     return pool
 
 
@@ -129,7 +131,7 @@ async def running_worker(settings: Settings) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await stop(worker, task)
+        await stop(worker, task, grace_s=5)
 
 
 async def wait_until(
