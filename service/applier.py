@@ -8,6 +8,7 @@ so even two jobs that meet on a buddy serialise instead of deadlocking.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -69,14 +70,23 @@ _DATA_ERRORS = (
 _CONNECTION_ERRORS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)
 
 
-async def drain_shard(conn: store.Conn, shard: int, limits: ApplyLimits) -> BatchResult:
-    """Apply pending deliveries of `shard` until none is left. Call with the shard lock held."""
+async def drain_shard(
+    conn: store.Conn,
+    shard: int,
+    limits: ApplyLimits,
+    stopping: Callable[[], bool] = lambda: False,
+) -> tuple[BatchResult, bool]:
+    """Apply pending deliveries of `shard` until none is left, or until `stopping()` says so
+    between batches. Returns the result and whether deliveries may be left. Call with the
+    shard lock held."""
     total = BatchResult()
     while True:
         result = await apply_batch(conn, shard, limits)
         total.add(result)
         if result.claimed < limits.batch_size:
-            return total
+            return total, False
+        if stopping():
+            return total, True
 
 
 async def apply_batch(conn: store.Conn, shard: int, limits: ApplyLimits) -> BatchResult:

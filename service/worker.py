@@ -7,6 +7,7 @@ designed for: a batch commits or not as a whole, and rows already final are neve
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import time
 from typing import Any
@@ -76,9 +77,15 @@ async def apply_shard(ctx: dict[str, Any], shard: int) -> int:
             # Only now may the next delivery enqueue another wake-up: everything stored
             # before this point is drained by this job (see service/queue.py).
             await ctx["redis"].delete(wake_key(settings.queue_name, shard))
-            result = await drain_shard(conn, shard, ctx["limits"])
+            result, left = await drain_shard(
+                conn, shard, ctx["limits"], lambda: bool(ctx.get("stopping"))
+            )
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1, $2)", store.SHARD_LOCK_SPACE, shard)
+    if left:
+        # Shutting down with work left: hand the shard to the next worker now, not at the
+        # next sweep.
+        await wake(ctx["redis"], settings.queue_name, shard, force=True)
     metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
     if result.claimed:
         metrics.APPLY_BATCH.observe(result.claimed)
@@ -219,6 +226,12 @@ class MirrorWorker(Worker):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
+    def handle_sig_wait_for_completion(self, signum: signal.Signals) -> None:
+        # SIGTERM: a draining job finishes the batch in hand and hands its shard on, instead of
+        # draining a busy shard until the completion wait runs out.
+        self.ctx["stopping"] = True
+        super().handle_sig_wait_for_completion(signum)
+
     async def _poll_iteration(self) -> None:
         try:
             await super()._poll_iteration()
@@ -265,6 +278,7 @@ def create_worker(
 async def stop(worker: Worker, main: asyncio.Task[None], grace_s: float = 30.0) -> None:
     """Stop an in-process worker the way SIGTERM would: take no new job, let running ones end."""
     worker.allow_pick_jobs = False
+    worker.ctx["stopping"] = True
     running = [t for t in worker.tasks.values() if not t.done()]
     if running:
         _, late = await asyncio.wait(running, timeout=grace_s)

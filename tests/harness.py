@@ -65,11 +65,11 @@ class Process:
             )
         return self
 
-    def kill(self) -> None:
-        """kill -9: no cleanup of any kind."""
+    def kill(self, sig: signal.Signals = signal.SIGKILL, timeout: float = 40) -> int:
+        """kill -9 by default: no cleanup of any kind. Returns the exit code."""
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
 
     def stop(self, timeout: float = 40) -> int:
         assert self.proc is not None

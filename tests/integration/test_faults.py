@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -50,6 +52,13 @@ async def _assert_exact(db: store.Pool, deliveries: list[tuple[dict[str, str], b
     assert await db.fetchval("SELECT count(*) FROM ledger") == currency
 
 
+async def _started(log: Path, times: int) -> None:
+    deadline = time.monotonic() + 30
+    while log.read_text().count("Starting worker") < times:
+        assert time.monotonic() < deadline, "the worker did not start"
+        await asyncio.sleep(0.05)
+
+
 def _burst(seed: int, buddies: int, per_buddy: int) -> list[tuple[dict[str, str], bytes]]:
     rng = random.Random(seed)
     deliveries = signed(learning_day(buddies, per_buddy, rng), "mixed", rng)
@@ -57,8 +66,14 @@ def _burst(seed: int, buddies: int, per_buddy: int) -> list[tuple[dict[str, str]
     return deliveries
 
 
-async def test_worker_killed_mid_burst_applies_everything_exactly_once(
-    migrated: str, redis_url: str, db: store.Pool, redis: object, tmp_path: Path
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+async def test_worker_stopped_mid_burst_applies_everything_exactly_once(
+    migrated: str,
+    redis_url: str,
+    db: store.Pool,
+    redis: object,
+    tmp_path: Path,
+    sig: signal.Signals,
 ) -> None:
     env = service_env(migrated, redis_url, MIRROR_APPLY_BATCH_SIZE="50")
     deliveries = _burst(7, buddies=40, per_buddy=40)
@@ -70,7 +85,15 @@ async def test_worker_killed_mid_burst_applies_everything_exactly_once(
             kills = 0
             while not sending.done() and kills < 4:
                 await asyncio.sleep(0.6)
-                worker.kill()
+                if sig == signal.SIGTERM:
+                    # A signal before the handlers exist just ends the process; wait until the
+                    # worker runs, as an orchestrator's stop of a running pod would.
+                    await _started(log, kills + 1)
+                started = time.monotonic()
+                code = await asyncio.to_thread(worker.kill, sig)
+                if sig == signal.SIGTERM:
+                    # Finishes the batch in hand and hands its shard on: a prompt, clean exit.
+                    assert code == 0 and time.monotonic() - started < 10, code
                 kills += 1
                 worker = Process(["worker"], env, log).start()
             finals = await sending
