@@ -289,4 +289,9 @@ async def stop(worker: Worker, main: asyncio.Task[None], grace_s: float = 30.0) 
         await asyncio.gather(*late, return_exceptions=True)
     main.cancel()
     await asyncio.gather(main, return_exceptions=True)
+    # arq's close() gathers its job tasks without return_exceptions: hand it none that ended in
+    # cancellation, or that CancelledError would surface here.
+    for job_id, task in list(worker.tasks.items()):
+        if task.done():
+            del worker.tasks[job_id]
     await worker.close()
