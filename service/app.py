@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 
 from service import api, metrics, openapi, receiver, schemas, store
 from service.config import Settings
+from service.logs import RequestIdMiddleware
 from service.openapi import CURSOR, Endpoint, Param, limit_param, text_param
 from service.problems import Problem
 from service.queue import Waker
@@ -282,7 +283,7 @@ def create_app(settings: Settings) -> Starlette:
 
     routes = [ep.route() for ep in table]
     routes.append(Endpoint("GET", "/openapi.json", openapi_json, "", "none", {}).route())
-    middleware = []
+    middleware = [Middleware(RequestIdMiddleware)]
     if settings.cors_origins:
         middleware.append(
             Middleware(

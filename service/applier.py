@@ -106,19 +106,24 @@ async def apply_batch(conn: store.Conn, shard: int, limits: ApplyLimits) -> Batc
 async def _apply_isolated(conn: store.Conn, shard: int, limits: ApplyLimits) -> BatchResult:
     async with conn.transaction():
         rows = await store.claim_batch(conn, shard, limits.batch_size)
-    groups: dict[str | None, list[int]] = defaultdict(list)
+    groups: dict[str | None, list[asyncpg.Record]] = defaultdict(list)
     for row in rows:
-        groups[_buddy_of(row)].append(row["seq"])
+        groups[_buddy_of(row)].append(row)
     result = BatchResult(claimed=len(rows))
-    for seqs in groups.values():
-        await _apply_group(conn, seqs, limits, result)
+    for buddy_id, group in groups.items():
+        await _apply_group(conn, buddy_id, group, limits, result)
     return result
 
 
 async def _apply_group(
-    conn: store.Conn, seqs: list[int], limits: ApplyLimits, result: BatchResult
+    conn: store.Conn,
+    buddy_id: str | None,
+    rows: list[asyncpg.Record],
+    limits: ApplyLimits,
+    result: BatchResult,
 ) -> None:
     """One buddy's deliveries together; if that fails, each alone, so only the poison waits."""
+    seqs = [r["seq"] for r in rows]
     try:
         async with conn.transaction():
             part = await _apply_rows(conn, await store.claim_seqs(conn, seqs))
@@ -127,11 +132,17 @@ async def _apply_group(
     except _DATA_ERRORS as exc:
         if isinstance(exc, _CONNECTION_ERRORS):
             raise
-        if len(seqs) > 1:
-            for seq in seqs:
-                await _apply_group(conn, [seq], limits, result)
+        if len(rows) > 1:
+            for row in rows:
+                await _apply_group(conn, buddy_id, [row], limits, result)
             return
-        log.error("delivery_apply_failed", seq=seqs[0], error=repr(exc))
+        log.error(
+            "delivery_apply_failed",
+            delivery_id=rows[0]["delivery_id"],
+            buddy_id=buddy_id,
+            attempt=rows[0]["attempts"] + 1,
+            error=repr(exc),
+        )
         await store.retry_deliveries(
             conn, seqs, f"apply_error: {exc!r}"[:500], limits.max_attempts, limits.backoff_s
         )

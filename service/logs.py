@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import uuid
 
 import structlog
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 def configure(fmt: str = "json", level: int = logging.INFO) -> None:
@@ -41,3 +45,29 @@ def configure(fmt: str = "json", level: int = logging.INFO) -> None:
     root.setLevel(level)
     # One line per outgoing REST call is noise; the hatched_api_requests_total metric counts them.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+class RequestIdMiddleware:
+    """Every log line written while serving a request carries its `request_id` (the caller's
+    X-Request-ID when it is a sane token, else a new one), echoed in the response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = Headers(scope=scope).get("x-request-id", "")
+        request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).append("X-Request-ID", request_id)
+            await send(message)
+
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            await self.app(scope, receive, send_with_id)

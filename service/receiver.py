@@ -62,6 +62,8 @@ async def receive(request: Request) -> Response:
 
     signed_at = datetime.fromtimestamp(verified.timestamp, UTC)
     parsed = parse_delivery(body, request.headers, verified.format, signed_at)
+    # From here on every line about this delivery says which one (and whose).
+    structlog.contextvars.bind_contextvars(delivery_id=parsed.delivery_id, buddy_id=parsed.buddy_id)
     event = parsed.event
     delivery = store.NewDelivery(
         delivery_id=parsed.delivery_id,
@@ -80,22 +82,21 @@ async def receive(request: Request) -> Response:
     try:
         seq = await store.insert_delivery(state.pool, delivery)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        log.error("inbox_unavailable", delivery_id=parsed.delivery_id, error=repr(exc))
+        log.error("inbox_unavailable", error=repr(exc))
         metrics.DELIVERIES.labels(type=metrics.type_label(delivery.event_type), outcome="503").inc()
         raise unavailable("the inbox database is unreachable; retry later") from None
 
-    log_ = log.bind(delivery_id=parsed.delivery_id, buddy_id=parsed.buddy_id)
     if seq is None:
         metrics.DELIVERIES.labels(
             type=metrics.type_label(delivery.event_type), outcome="duplicate"
         ).inc()
-        log_.info("delivery_duplicate")
+        log.info("delivery_duplicate")
         return _json({"delivery_id": parsed.delivery_id, "status": "duplicate"}, 200)
 
     metrics.DELIVERIES.labels(
         type=metrics.type_label(delivery.event_type), outcome=parsed.status
     ).inc()
-    log_.info("delivery_stored", seq=seq, status=parsed.status, reason=parsed.reason)
+    log.info("delivery_stored", seq=seq, status=parsed.status, reason=parsed.reason)
     task = None
     if parsed.status == "accepted":
         # After the answer: Hatched's 10 s budget should not pay for a Redis round trip.
