@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
+import asyncpg
 import orjson
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
@@ -18,6 +19,8 @@ from service.auth import require_token
 from service.problems import Problem
 from service.projector import Buddy, iso, public_view
 from service.state import AppState
+
+T = TypeVar("T")
 
 MAX_LIMIT = 200
 DEFAULT_LIMIT = 50
@@ -83,6 +86,31 @@ def _cursor(request: Request, shape: tuple[type, ...]) -> list[Any] | None:
     return key
 
 
+def _page(
+    rows: Sequence[T], limit: int, render: Callable[[T], Any], key: Callable[[T], list[Any]]
+) -> Response:
+    """One page of a list queried with `limit + 1` rows: the extra row says a next page exists."""
+    page = rows[:limit]
+    next_cursor = encode_cursor(key(page[-1])) if len(rows) > limit else None
+    return _json({"data": [render(r) for r in page], "next_cursor": next_cursor})
+
+
+def _delivery_fields(r: asyncpg.Record) -> dict[str, Any]:
+    """What the events and deliveries listings say about a stored delivery."""
+    return {
+        "delivery_id": r["delivery_id"],
+        "type": r["event_type"],
+        "format": r["format"],
+        "occurred_at": _iso_or_none(r["occurred_at"]),
+        "received_at": iso(r["received_at"]),
+        "applied_at": _iso_or_none(r["applied_at"]),
+    }
+
+
+def _by_seq(r: asyncpg.Record) -> list[Any]:
+    return [r["seq"]]
+
+
 def etag(buddy_id: str, version: int) -> str:
     return f'"{buddy_id}.{version}"'
 
@@ -127,9 +155,7 @@ async def list_buddies(request: Request) -> Response:
         after=cursor[0] if cursor else None,
         limit=limit + 1,
     )
-    page = rows[:limit]
-    next_cursor = encode_cursor([page[-1][0].buddy_id]) if len(rows) > limit else None
-    return _json({"data": [public_view(*r) for r in page], "next_cursor": next_cursor})
+    return _page(rows, limit, lambda r: public_view(*r), lambda r: [r[0].buddy_id])
 
 
 async def user_buddy(request: Request) -> Response:
@@ -159,24 +185,22 @@ async def ledger(request: Request) -> Response:
     rows = await store.list_ledger(
         state.pool, buddy_id, currency=currency, before=before, limit=limit + 1
     )
-    page = rows[:limit]
-    data = [
-        {
-            "delivery_id": r["delivery_id"],
-            "currency": r["currency"],
-            "amount": r["amount"],
-            "balance_after": r["balance_after"],
-            "reason": r["reason"],
-            "reference_id": r["reference_id"],
-            "ledger_id": r["ledger_id"],
-            "is_lucky": r["is_lucky"],
-            "occurred_at": iso(r["occurred_at"]),
-        }
-        for r in page
-    ]
-    last = page[-1] if len(rows) > limit else None
-    next_cursor = encode_cursor([last["occurred_at"].isoformat(), last["seq"]]) if last else None
-    return _json({"data": data, "next_cursor": next_cursor})
+    fields = (
+        "delivery_id",
+        "currency",
+        "amount",
+        "balance_after",
+        "reason",
+        "reference_id",
+        "ledger_id",
+        "is_lucky",
+    )
+    return _page(
+        rows,
+        limit,
+        lambda r: {**{f: r[f] for f in fields}, "occurred_at": iso(r["occurred_at"])},
+        lambda r: [r["occurred_at"].isoformat(), r["seq"]],
+    )
 
 
 def _iso_or_none(value: datetime | None) -> str | None:
@@ -192,21 +216,7 @@ async def events(request: Request) -> Response:
     rows = await store.list_events(
         state.pool, buddy_id, before=cursor[0] if cursor else None, limit=limit + 1
     )
-    page = rows[:limit]
-    data = [
-        {
-            "delivery_id": r["delivery_id"],
-            "event_id": r["event_id"],
-            "type": r["event_type"],
-            "format": r["format"],
-            "occurred_at": _iso_or_none(r["occurred_at"]),
-            "received_at": iso(r["received_at"]),
-            "applied_at": _iso_or_none(r["applied_at"]),
-        }
-        for r in page
-    ]
-    next_cursor = encode_cursor([page[-1]["seq"]]) if len(rows) > limit else None
-    return _json({"data": data, "next_cursor": next_cursor})
+    return _page(rows, limit, lambda r: {**_delivery_fields(r), "event_id": r["event_id"]}, _by_seq)
 
 
 # --- admin ---------------------------------------------------------------------------------
@@ -226,24 +236,18 @@ async def list_deliveries(request: Request) -> Response:
         before=cursor[0] if cursor else None,
         limit=limit + 1,
     )
-    page = rows[:limit]
-    data = [
-        {
-            "delivery_id": r["delivery_id"],
+    return _page(
+        rows,
+        limit,
+        lambda r: {
+            **_delivery_fields(r),
             "status": r["status"],
             "reason": r["reason"],
             "attempts": r["attempts"],
-            "type": r["event_type"],
             "buddy_id": r["buddy_id"],
-            "format": r["format"],
-            "occurred_at": _iso_or_none(r["occurred_at"]),
-            "received_at": iso(r["received_at"]),
-            "applied_at": _iso_or_none(r["applied_at"]),
-        }
-        for r in page
-    ]
-    next_cursor = encode_cursor([page[-1]["seq"]]) if len(rows) > limit else None
-    return _json({"data": data, "next_cursor": next_cursor})
+        },
+        _by_seq,
+    )
 
 
 async def replay_delivery(request: Request) -> Response:

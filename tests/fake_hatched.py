@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -525,19 +524,7 @@ async def _json(request: Request) -> dict[str, Any]:
 @contextlib.asynccontextmanager
 async def serve_fake(fake: FakeHatched) -> AsyncIterator[str]:
     """Serve `fake` with a real uvicorn on a free port of 127.0.0.1; yields its base URL."""
-    config = uvicorn.Config(
-        fake.app(), host="127.0.0.1", port=0, log_config=None, lifespan="on", access_log=False
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if task.done() or time.monotonic() > deadline:
-            raise RuntimeError("fake Hatched did not start")
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
+    from tests.conftest import serving
+
+    async with serving(fake.app()) as url:
+        yield url

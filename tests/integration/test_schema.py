@@ -3,65 +3,26 @@ valid tokens, generated parameters; no 5xx and no answer outside the documented 
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
-import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.conftest import ADMIN_TOKEN, API_TOKEN, SECRET
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+from tests.conftest import ADMIN_TOKEN, API_TOKEN
+from tests.harness import serve, service_env
 
 
 @pytest.fixture(scope="module")
-def api_process(migrated: str, redis_url: str) -> Iterator[str]:
-    port = _free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": migrated,
-        "REDIS_URL": redis_url,
-        "HATCHED_WEBHOOK_SECRETS": SECRET,
-        "MIRROR_API_TOKENS": API_TOKEN,
-        "MIRROR_ADMIN_TOKENS": ADMIN_TOKEN,
-        "MIRROR_LOG_FORMAT": "json",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            log = proc.stderr.read().decode() if proc.stderr else ""
-            raise RuntimeError(f"serve did not start: {log}")
-        time.sleep(0.1)
-    yield url
-    proc.terminate()
-    _, stderr = proc.communicate(timeout=30)
+def api_process(
+    migrated: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("schema") / "serve.log"
+    with serve(service_env(migrated, redis_url), log) as url:
+        yield url
     # Any traceback in the server's log is a defect even when the answer looked fine.
-    assert b"Traceback" not in stderr, stderr.decode()[-4000:]
+    assert "Traceback" not in log.read_text(), log.read_text()[-4000:]
 
 
 def test_api_conforms_to_its_schema(api_process: str) -> None:
