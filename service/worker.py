@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import structlog
 from arq import cron
-from arq.worker import Worker, func
+from arq.worker import Retry, Worker, func
 from redis.exceptions import RedisError
 
 from service import metrics, refresh, store
@@ -26,6 +26,7 @@ from service.queue import (
     APPLY_JOB,
     REFRESH_JOB,
     redis_settings,
+    refresh_due_in,
     request_refresh,
     shard_of,
     wake,
@@ -109,6 +110,9 @@ async def apply_shard(ctx: dict[str, Any], shard: int) -> int:
     return result.claimed
 
 
+MAX_REFRESH_DEFERRALS = 10
+
+
 async def _schedule_refreshes(ctx: dict[str, Any], result: BatchResult) -> None:
     """With the REST API on: a broken balance check asks for a refresh now, with priority;
     any buddy webhooks moved gets one once its deliveries settle (one per burst, coalesced)."""
@@ -137,6 +141,12 @@ async def refresh_buddy(ctx: dict[str, Any], buddy_id: str, priority: bool = Fal
     api: HatchedAPI | None = ctx.get("hatched")
     if api is None:
         return "disabled"
+    if not priority and ctx.get("job_try", 1) < MAX_REFRESH_DEFERRALS:
+        # Events kept coming after this refresh was queued: wait until they settle. Bounded,
+        # so a buddy that never goes quiet is still refreshed now and then.
+        wait_s = await refresh_due_in(ctx["redis"], settings.queue_name, buddy_id)
+        if wait_s > 0.05:
+            raise Retry(defer=wait_s)
     try:
         remote = await api.get_buddy(buddy_id, priority=priority)
     except BudgetExhausted:
@@ -249,7 +259,7 @@ def create_worker(
     return MirrorWorker(
         functions=[
             func(apply_shard, name=APPLY_JOB, max_tries=1000),
-            func(refresh_buddy, name=REFRESH_JOB, max_tries=3),
+            func(refresh_buddy, name=REFRESH_JOB, max_tries=MAX_REFRESH_DEFERRALS + 1),
         ],
         cron_jobs=[
             cron(sweep, second=set(range(0, 60, every)), run_at_startup=True),
