@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 
 from service import api, metrics, openapi, receiver, schemas, store
 from service.config import Settings
+from service.inbox import Inbox
 from service.logs import RequestIdMiddleware
 from service.openapi import CURSOR, Endpoint, Param, limit_param, text_param
 from service.problems import Problem
@@ -271,12 +272,14 @@ def create_app(settings: Settings) -> Starlette:
             settings.database_url, settings.stream_max_clients, settings.db_timeout_s
         )
         broadcaster.start()
+        inbox = Inbox(pool, waker, max_inflight=max(1, settings.db_pool_size // 2))
         app.state.mirror = AppState(
-            settings=settings, pool=pool, waker=waker, broadcaster=broadcaster
+            settings=settings, pool=pool, waker=waker, broadcaster=broadcaster, inbox=inbox
         )
         try:
             yield
         finally:
+            await inbox.close()
             await broadcaster.close()
             await waker.close()
             await pool.close()

@@ -134,6 +134,25 @@ class Waker:
             self._fail(exc)
             return False
 
+    async def wake_many(self, shards: list[int]) -> bool:
+        """Wake several shards in two round trips (one SET NX each, pipelined; then jobs)."""
+        redis = await self._pool()
+        if redis is None:
+            return False
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with redis.pipeline(transaction=False) as pipe:
+                    for shard in shards:
+                        pipe.set(wake_key(self._queue, shard), b"1", nx=True, ex=WAKE_TTL_S)
+                    claimed = await pipe.execute()
+                for shard, was_set in zip(shards, claimed, strict=True):
+                    if was_set:
+                        await redis.enqueue_job(APPLY_JOB, shard, _queue_name=self._queue)
+            return True
+        except Exception as exc:  # any Redis failure: the sweeper covers it
+            self._fail(exc)
+            return False
+
     async def request_refresh(
         self, buddy_id: str, *, priority: bool = False, delay_s: float = 0.0
     ) -> bool:

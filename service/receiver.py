@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 import asyncpg
 import orjson
 import structlog
-from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -80,7 +79,7 @@ async def receive(request: Request) -> Response:
         reason=parsed.reason,
     )
     try:
-        seq = await store.insert_delivery(state.pool, delivery)
+        seq = await state.inbox.store(delivery)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         log.error("inbox_unavailable", error=repr(exc))
         metrics.DELIVERIES.labels(type=metrics.type_label(delivery.event_type), outcome="503").inc()
@@ -97,14 +96,8 @@ async def receive(request: Request) -> Response:
         type=metrics.type_label(delivery.event_type), outcome=parsed.status
     ).inc()
     log.info("delivery_stored", seq=seq, status=parsed.status, reason=parsed.reason)
-    task = None
-    if parsed.status == "accepted":
-        # After the answer: Hatched's 10 s budget should not pay for a Redis round trip.
-        task = BackgroundTask(state.waker.wake, delivery.shard)
-    return _json({"delivery_id": parsed.delivery_id, "status": parsed.status}, 202, task)
+    return _json({"delivery_id": parsed.delivery_id, "status": parsed.status}, 202)
 
 
-def _json(payload: dict[str, str], status: int, task: BackgroundTask | None = None) -> Response:
-    return Response(
-        orjson.dumps(payload), status_code=status, media_type="application/json", background=task
-    )
+def _json(payload: dict[str, str], status: int) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from service.config import Settings
+from service.inbox import Inbox
 from service.queue import Waker
 from service.store import Pool
 from service.stream import Broadcaster
@@ -16,3 +17,4 @@ class AppState:
     pool: Pool
     waker: Waker
     broadcaster: Broadcaster
+    inbox: Inbox

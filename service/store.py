@@ -146,6 +146,51 @@ async def insert_delivery(conn: Executor, d: NewDelivery) -> int | None:
     return seq
 
 
+INSERT_DELIVERIES = """
+INSERT INTO deliveries (delivery_id, format, event_type, event_id, buddy_id, shard,
+                        occurred_at, signed_at, headers, body, status, reason, applied_at)
+SELECT d, f, t, e, b, s, o, sa, h::jsonb, body, st, r,
+       CASE WHEN st = 'accepted' THEN NULL ELSE now() END
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
+            $7::timestamptz[], $8::timestamptz[], $9::text[], $10::bytea[], $11::text[],
+            $12::text[]) AS x(d, f, t, e, b, s, o, sa, h, body, st, r)
+ON CONFLICT (delivery_id) DO NOTHING
+RETURNING delivery_id, seq
+"""
+
+
+async def insert_deliveries(conn: Executor, batch: Sequence[NewDelivery]) -> list[int | None]:
+    """Store many deliveries in one statement; for each, its seq or None if already stored
+    (a delivery id repeated inside the batch counts as stored by its first occurrence)."""
+    first: dict[str, NewDelivery] = {}
+    for d in batch:
+        first.setdefault(d.delivery_id, d)
+    rows = list(first.values())
+    columns: list[list[object]] = [[] for _ in range(12)]
+    for d in rows:
+        values = (
+            d.delivery_id,
+            d.format,
+            d.event_type,
+            d.event_id,
+            d.buddy_id,
+            d.shard,
+            d.occurred_at,
+            d.signed_at,
+            orjson.dumps(d.headers).decode(),
+            d.body,
+            d.status,
+            d.reason,
+        )
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    stored = {r["delivery_id"]: r["seq"] for r in await conn.fetch(INSERT_DELIVERIES, *columns)}
+    out: list[int | None] = []
+    for d in batch:
+        out.append(stored.pop(d.delivery_id, None))
+    return out
+
+
 CLAIM_BATCH = """
 SELECT seq, delivery_id, format, headers, body, signed_at, attempts
 FROM deliveries

@@ -304,4 +304,10 @@ async def stop(worker: Worker, main: asyncio.Task[None], grace_s: float = 30.0) 
     for job_id, task in list(worker.tasks.items()):
         if task.done():
             del worker.tasks[job_id]
-    await worker.close()
+    try:
+        await worker.close()
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # we are being cancelled ourselves
+        # else: a job task arq cancelled in close() itself; it was being stopped anyway
