@@ -128,20 +128,34 @@ def _not_found(buddy_id: str) -> Problem:
 
 def _buddy_response(request: Request, found: tuple[Buddy, int, datetime]) -> Response:
     buddy, version, updated_at = found
-    tag = etag(buddy.buddy_id, version)
-    headers = {"ETag": tag, "Cache-Control": "no-cache"}
-    if _matches(request.headers.get("if-none-match"), tag):
-        return Response(status_code=304, headers=headers)
-    return _json(public_view(buddy, version, updated_at), headers=headers)
+    body = orjson.dumps(public_view(buddy, version, updated_at))
+    return _rendered(request, etag(buddy.buddy_id, version), body)
 
 
 async def get_buddy(request: Request) -> Response:
     state = _reader(request)
     buddy_id = request.path_params["buddy_id"]
+    cache = state.broadcaster.cache
+    live = cache.enabled and state.broadcaster.connected.is_set()
+    if live and (hit := cache.get(buddy_id)) is not None:
+        return _rendered(request, *hit)
+    token = cache.token(buddy_id)
     found = await store.get_buddy(state.pool, buddy_id)
     if found is None:
         raise _not_found(buddy_id)
-    return _buddy_response(request, found)
+    buddy, version, updated_at = found
+    tag = etag(buddy_id, version)
+    body = orjson.dumps(public_view(buddy, version, updated_at))
+    if live:
+        cache.put(buddy_id, token, tag, body)
+    return _rendered(request, tag, body)
+
+
+def _rendered(request: Request, tag: str, body: bytes) -> Response:
+    headers = {"ETag": tag, "Cache-Control": "no-cache"}
+    if _matches(request.headers.get("if-none-match"), tag):
+        return Response(status_code=304, headers=headers)
+    return Response(body, headers=headers, media_type="application/json")
 
 
 async def list_buddies(request: Request) -> Response:

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from service import api, metrics, openapi, receiver, schemas, store
+from service.cache import BuddyCache
 from service.config import Settings
 from service.inbox import Inbox
 from service.logs import RequestIdMiddleware
@@ -269,7 +270,10 @@ def create_app(settings: Settings) -> Starlette:
         )
         waker = Waker(settings.redis_url, settings.queue_name, settings.redis_timeout_s)
         broadcaster = Broadcaster(
-            settings.database_url, settings.stream_max_clients, settings.db_timeout_s
+            settings.database_url,
+            settings.stream_max_clients,
+            settings.db_timeout_s,
+            BuddyCache(settings.read_cache_size),
         )
         broadcaster.start()
         inbox = Inbox(pool, waker, max_inflight=max(1, settings.db_pool_size // 2))

@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     db_timeout_s: float = Field(default=2.0, gt=0, alias="MIRROR_DB_TIMEOUT_S")
     redis_timeout_s: float = Field(default=0.5, gt=0, alias="MIRROR_REDIS_TIMEOUT_S")
     queue_name: str = Field(default="hatched-mirror", min_length=1, alias="MIRROR_QUEUE_NAME")
+    read_cache_size: int = Field(default=10_000, ge=0, alias="MIRROR_READ_CACHE_SIZE")
     stream_max_clients: int = Field(default=1000, ge=1, alias="MIRROR_STREAM_MAX_CLIENTS")
     stream_ping_s: float = Field(default=15.0, gt=0, alias="MIRROR_STREAM_PING_S")
     log_format: str = Field(default="json", pattern="^(json|console)$", alias="MIRROR_LOG_FORMAT")

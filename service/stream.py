@@ -16,6 +16,7 @@ import asyncpg
 import structlog
 
 from service import store
+from service.cache import BuddyCache
 
 log = structlog.get_logger(__name__)
 
@@ -25,8 +26,11 @@ class TooManyClients(Exception):
 
 
 class Broadcaster:
-    def __init__(self, dsn: str, max_clients: int, timeout_s: float) -> None:
+    def __init__(
+        self, dsn: str, max_clients: int, timeout_s: float, cache: BuddyCache | None = None
+    ) -> None:
         self._dsn = dsn
+        self.cache = cache if cache is not None else BuddyCache(0)
         self._max = max_clients
         self._timeout = timeout_s
         self._subscribers: dict[str, set[asyncio.Queue[None]]] = defaultdict(set)
@@ -65,6 +69,8 @@ class Broadcaster:
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(store.NOTIFY_CHANNEL, self._on_notify)
+                # Whatever changed while nobody listened is unknown: start the cache empty.
+                self.cache.clear()
                 self.connected.set()
                 delay = 0.5
                 # Changes may have been missed while disconnected: everyone re-reads.
@@ -75,6 +81,7 @@ class Broadcaster:
                 log.warning("stream_listener_unavailable", error=repr(exc))
             finally:
                 self.connected.clear()
+                self.cache.clear()
                 if conn is not None and not conn.is_closed():
                     with contextlib.suppress(Exception):
                         await conn.close(timeout=1)
@@ -83,6 +90,7 @@ class Broadcaster:
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         buddy_id = str(payload).rpartition(":")[0]
+        self.cache.invalidate(buddy_id)
         for queue in self._subscribers.get(buddy_id, ()):
             _poke(queue)
 

@@ -387,3 +387,25 @@ async def test_openapi_document_lists_every_route(
         if m != "HEAD"
     }
     assert routed == documented
+
+
+async def test_cached_reads_follow_every_change(
+    settings: Settings, http: httpx.AsyncClient, db: store.Pool
+) -> None:
+    async with running_worker(settings):
+        await post(http, "buddy.hatched", "buddy_cached")
+        await wait_settled(db)
+        for balance in (5, 10, 15):
+            first = await http.get("/v1/buddies/buddy_cached", headers=READ)
+            again = await http.get("/v1/buddies/buddy_cached", headers=READ)  # from the cache
+            assert again.content == first.content
+            await post(http, "coins.earned", "buddy_cached", data={"amount": 5, "balance": balance})
+            await wait_settled(db)
+            deadline = asyncio.get_running_loop().time() + 1.0
+            while True:
+                seen = (await http.get("/v1/buddies/buddy_cached", headers=READ)).json()
+                if seen["coins"] == balance:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, "the cache kept a stale buddy"
+                await asyncio.sleep(0.01)
+            assert seen["version"] == first.json()["version"] + 1
