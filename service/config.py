@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     )
     refresh_settle_s: float = Field(default=30.0, ge=0, alias="MIRROR_REFRESH_SETTLE_S")
     reconcile_after_s: float = Field(default=0.0, ge=0, alias="MIRROR_RECONCILE_AFTER_S")
-    sweep_after_s: float = Field(default=5.0, gt=0, alias="MIRROR_SWEEP_AFTER_S")
+    sweep_after_s: float = Field(default=2.0, gt=0, alias="MIRROR_SWEEP_AFTER_S")
     worker_poll_s: float = Field(default=0.02, gt=0, le=5, alias="MIRROR_WORKER_POLL_S")
     db_pool_size: int = Field(default=10, ge=1, le=200, alias="MIRROR_DB_POOL_SIZE")
     db_timeout_s: float = Field(default=2.0, gt=0, alias="MIRROR_DB_TIMEOUT_S")

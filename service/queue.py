@@ -87,13 +87,19 @@ async def refresh_due_in(redis: ArqRedis, queue_name: str, buddy_id: str) -> flo
 class Waker:
     """The receiver's side of wake-ups: lazy, bounded in time, never raising.
 
-    After a failure it stays quiet for a second so a dead Redis costs the receiver nothing.
+    Connecting is bounded by `timeout_s`, and after a failed connect it stays quiet for a second,
+    so a dead Redis costs the receiver nothing. Wake-ups run after the answers, off the request
+    path, so a busy event loop gets a generous `op_timeout_s` before one counts as lost (a lost
+    one waits for the sweeper).
     """
 
-    def __init__(self, url: str, queue_name: str, timeout_s: float) -> None:
+    def __init__(
+        self, url: str, queue_name: str, timeout_s: float, op_timeout_s: float = 5.0
+    ) -> None:
         self._url = url
         self._queue = queue_name
         self._timeout = timeout_s
+        self._op_timeout = max(op_timeout_s, timeout_s)
         self._redis: ArqRedis | None = None
         self._retry_at = 0.0
         self._lock = asyncio.Lock()
@@ -127,7 +133,7 @@ class Waker:
         if redis is None:
             return False
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self._op_timeout):
                 await wake(redis, self._queue, shard)
             return True
         except Exception as exc:  # any Redis failure: the sweeper covers it
@@ -140,7 +146,7 @@ class Waker:
         if redis is None:
             return False
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self._op_timeout):
                 async with redis.pipeline(transaction=False) as pipe:
                     for shard in shards:
                         pipe.set(wake_key(self._queue, shard), b"1", nx=True, ex=WAKE_TTL_S)
@@ -161,7 +167,7 @@ class Waker:
         if redis is None:
             return False
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self._op_timeout):
                 await request_refresh(
                     redis, self._queue, buddy_id, priority=priority, delay_s=delay_s
                 )
