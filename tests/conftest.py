@@ -131,7 +131,7 @@ async def running_worker(settings: Settings) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await stop(worker, task, grace_s=5)
+        await stop(worker, task, grace_s=30)
 
 
 async def wait_until(
