@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -153,6 +154,11 @@ def _run_dev(settings: Settings, host: str, port: int) -> None:
     )
 
     async def run() -> None:
+        # uvicorn re-raises the SIGTERM/SIGINT it handled once it has shut down; with the
+        # default handlers that would end the process before the embedded Postgres and Redis
+        # are stopped. What it re-raises lands here instead, and `dev` exits normally.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
         server = uvicorn.Server(
             uvicorn.Config(create_app(settings), host=host, port=port, log_config=None)
         )

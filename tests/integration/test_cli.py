@@ -152,6 +152,9 @@ def dev_process(tmp_path: Path) -> Iterator[str]:
             proc.kill()
             output, _ = proc.communicate()
     assert "webhook secret" in output
+    # A stopped `dev` leaves nothing running: the embedded Postgres removed its pid file.
+    assert proc.returncode == 0, output[-2000:]
+    assert not list((tmp_path / "data").rglob("postmaster.pid"))
 
 
 def test_dev_then_send_test_event_shows_the_buddy(dev_process: str, tmp_path: Path) -> None:
