@@ -16,7 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from service import api, metrics, openapi, receiver, schemas, store
+from service import api, bootstrap, metrics, openapi, receiver, schemas, store
 from service.cache import BuddyCache
 from service.config import Settings
 from service.inbox import Inbox
@@ -206,6 +206,7 @@ def endpoints(settings: Settings) -> list[Endpoint]:
             tag="operations",
         ),
     ]
+    read += bootstrap.endpoints(settings)
     if not settings.admin_tokens:
         return read
     admin = [
@@ -254,7 +255,8 @@ def endpoints(settings: Settings) -> list[Endpoint]:
     return read + admin
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings, *, demo: bool = False) -> Starlette:
+    """`demo`: also serve the bootstrap example page at /demo (`hatched-mirror dev` only)."""
     assert settings.database_url is not None and settings.redis_url is not None
     table = endpoints(settings)
     document = orjson.dumps(openapi.build(table))
@@ -281,7 +283,8 @@ def create_app(settings: Settings) -> Starlette:
             settings=settings, pool=pool, waker=waker, broadcaster=broadcaster, inbox=inbox
         )
         try:
-            yield
+            async with bootstrap.running(app, settings):
+                yield
         finally:
             await inbox.close()
             await broadcaster.close()
@@ -290,6 +293,8 @@ def create_app(settings: Settings) -> Starlette:
 
     routes = [ep.route() for ep in table]
     routes.append(Endpoint("GET", "/openapi.json", openapi_json, "", "none", {}).route())
+    if demo:
+        routes.append(bootstrap.demo_route())
     middleware = [Middleware(RequestIdMiddleware)]
     if settings.cors_origins:
         middleware.append(

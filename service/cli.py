@@ -148,6 +148,8 @@ def _run_dev(settings: Settings, host: str, port: int) -> None:
                 f"  DATABASE_URL     : {settings.database_url}",
                 f"  REDIS_URL        : {settings.redis_url}",
                 "  try              : hatched-mirror send-test-event buddy.hatched",
+                f"  bootstrap demo   : {url}/demo#token={settings.api_tokens[0]}"
+                + ("" if settings.hatched_api_enabled else " (set HATCHED_API_URL/_KEY)"),
                 "",
             ]
         )
@@ -160,7 +162,7 @@ def _run_dev(settings: Settings, host: str, port: int) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
         server = uvicorn.Server(
-            uvicorn.Config(create_app(settings), host=host, port=port, log_config=None)
+            uvicorn.Config(create_app(settings, demo=True), host=host, port=port, log_config=None)
         )
         worker = create_worker(settings, handle_signals=False)
         worker_task = asyncio.create_task(worker.main())

@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     )
     refresh_settle_s: float = Field(default=30.0, ge=0, alias="MIRROR_REFRESH_SETTLE_S")
     reconcile_after_s: float = Field(default=0.0, ge=0, alias="MIRROR_RECONCILE_AFTER_S")
+    bootstrap_poll_after_s: float = Field(default=10.0, ge=0, alias="MIRROR_BOOTSTRAP_POLL_AFTER_S")
+    bootstrap_poll_every_s: float = Field(
+        default=2.0, ge=0.5, alias="MIRROR_BOOTSTRAP_POLL_EVERY_S"
+    )
+    bootstrap_poll_max_s: float = Field(default=120.0, gt=0, alias="MIRROR_BOOTSTRAP_POLL_MAX_S")
     sweep_after_s: float = Field(default=2.0, gt=0, alias="MIRROR_SWEEP_AFTER_S")
     worker_poll_s: float = Field(default=0.02, gt=0, le=5, alias="MIRROR_WORKER_POLL_S")
     db_pool_size: int = Field(default=10, ge=1, le=200, alias="MIRROR_DB_POOL_SIZE")

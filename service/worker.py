@@ -18,7 +18,7 @@ from arq import cron
 from arq.worker import Retry, Worker, func
 from redis.exceptions import RedisError
 
-from service import metrics, refresh, store
+from service import hatching, metrics, refresh, store
 from service.applier import ApplyLimits, BatchResult, drain_shard
 from service.config import Settings
 from service.hatched_api import BudgetExhausted, HatchedAPI, HatchedAPIError
@@ -260,11 +260,13 @@ def create_worker(
         functions=[
             func(apply_shard, name=APPLY_JOB, max_tries=1000),
             func(refresh_buddy, name=REFRESH_JOB, max_tries=MAX_REFRESH_DEFERRALS + 1),
+            func(hatching.poll_operation, name=hatching.POLL_JOB, max_tries=3),
         ],
         cron_jobs=[
             cron(sweep, second=set(range(0, 60, every)), run_at_startup=True),
             cron(prune, minute=set(range(0, 60, 10)), second=30),
             cron(reconcile, second=15),
+            cron(hatching.poll_stalled_hatches, second=set(range(0, 60, 5))),
         ],
         redis_settings=redis_settings(settings.redis_url, settings.redis_timeout_s),
         queue_name=settings.queue_name,

@@ -64,7 +64,7 @@ async def pool(migrated: str) -> AsyncIterator[store.Pool]:
 async def db(pool: store.Pool) -> store.Pool:
     """A clean mirror for each test."""
     await pool.execute(
-        "TRUNCATE deliveries, buddies, ledger, backfill_checkpoints RESTART IDENTITY"
+        "TRUNCATE deliveries, buddies, ledger, backfill_checkpoints, bootstraps RESTART IDENTITY"
     )
     return pool
 
