@@ -58,8 +58,8 @@ def _limit(request: Request) -> int:
 
 def _text(request: Request, name: str) -> str | None:
     value = request.query_params.get(name)
-    if value is not None and (not value or len(value) > 256):
-        raise _bad(name, "must be 1 to 256 characters")
+    if value is not None and (not value or len(value) > 256 or "\x00" in value):
+        raise _bad(name, "must be 1 to 256 characters, without NUL")
     return value
 
 

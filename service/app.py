@@ -82,6 +82,14 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, asyncpg.DataError):
+        # The database refused a value from the request (a NUL in a path segment, say).
+        return Problem(
+            400,
+            "invalid_parameter",
+            "Invalid parameter",
+            "a parameter holds a value the database cannot store (e.g. a NUL character)",
+        ).response()
     if isinstance(exc, (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)):
         log.error("database_unavailable", path=request.url.path, error=repr(exc))
         return Problem(
@@ -268,7 +276,10 @@ def create_app(settings: Settings, *, demo: bool = False) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         assert settings.database_url is not None and settings.redis_url is not None
         pool = await store.create_pool(
-            settings.database_url, size=settings.db_pool_size, timeout_s=settings.db_timeout_s
+            settings.database_url,
+            size=settings.db_pool_size,
+            timeout_s=settings.db_timeout_s,
+            stateless=True,
         )
         waker = Waker(settings.redis_url, settings.queue_name, settings.redis_timeout_s)
         broadcaster = Broadcaster(

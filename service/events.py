@@ -228,7 +228,8 @@ def _body_hash(body: bytes) -> str:
 
 
 def _nonempty_str(value: object) -> str | None:
-    if isinstance(value, str):
+    # A NUL cannot be stored in a Postgres text column: such an id counts as absent.
+    if isinstance(value, str) and "\x00" not in value:
         value = value.strip()
         if value:
             return value
