@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint typecheck unit integration bench-smoke clean
+.PHONY: run test lint typecheck unit integration bench bench-smoke clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ unit: $(VENV)/.test-installed
 
 integration: $(VENV)/.test-installed
 	$(BIN)/pytest tests/integration
+
+# The benchmark suite (bench/BENCHMARKS.md says what it measures); the smoke run keeps it working.
+bench: $(VENV)/.test-installed
+	$(BIN)/python -m bench.run
+
+bench-smoke: $(VENV)/.test-installed
+	$(BIN)/python -m bench.run --quick
 
 clean:
 	rm -rf $(VENV) .hatched-mirror .mypy_cache .pytest_cache .ruff_cache

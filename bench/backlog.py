@@ -1,0 +1,124 @@
+"""Backlog: a stored backlog drained by one worker, against baselines (d) and (e)."""
+
+from __future__ import annotations
+
+from bench import inbox, procs
+from bench.common import Ctx, database, judge, seed_buddies, shards
+from bench.load import buddy_ids, make_deliveries
+from bench.report import Section, Target, ratio, table
+from service import store
+
+# --- backlog -------------------------------------------------------------------------------
+
+
+async def backlog(ctx: Ctx) -> Section:
+    p = ctx.plan
+    sec = Section("backlog", f"Worker drain of a {p.backlog:,}-delivery backlog")
+    ids = buddy_ids(p.buddies)
+    async with database(ctx, "backlog") as (dsn, env):
+        n = shards(env)
+        load = make_deliveries(p.backlog, ids, secret=procs.SECRET, fmt=ctx.fmt, seed=1)
+        rows = [inbox.as_stored(d, n) for d in load]
+        pool = await store.create_pool(dsn, size=2, timeout_s=10)
+        worker = await procs.start_worker(env, ctx.logs, "backlog_worker")
+        try:
+            async with procs.RssSampler(worker.pid) as rss:
+                await seed_buddies(pool, env, worker, ids, 0)
+                idle_rss = procs.rss_mb(worker.pid) or 0.0
+                offset = worker.log_path.stat().st_size
+                seconds = await inbox.load_and_drain(
+                    pool, rows, redis_url=env["REDIS_URL"], shards=n, worker=worker
+                )
+            jobs = inbox.drained_jobs(worker.log_path, offset)
+            outcomes = await inbox.outcome_counts(pool)
+        finally:
+            await worker.stop()
+            await pool.close()
+        d = await procs.run_python(
+            "bench.baselines",
+            [
+                "arq",
+                "--redis",
+                procs.redis_url(procs.ARQ_BASELINE_REDIS_DB),
+                "--jobs",
+                str(p.noop_jobs),
+            ],
+            ctx.logs,
+            "baseline_d",
+            600,
+        )
+        e = {
+            c: await procs.run_python(
+                "bench.baselines",
+                ["upsert", "--dsn", dsn, "--rows", str(p.upsert_rows), "--connections", str(c)],
+                ctx.logs,
+                f"baseline_e{c}",
+                600,
+            )
+            for c in (1, 4)
+        }
+    rate = round(p.backlog / seconds, 1)
+    if outcomes.get("dead") or outcomes.get("accepted"):
+        sec.problems.append(f"backlog did not end cleanly: {outcomes}")
+    sec.blocks.append(
+        f"{p.backlog:,} signed deliveries (format {ctx.fmt}) over {p.buddies:,} already-hatched "
+        "buddies, stored with COPY exactly as the receiver stores them, committed at once; one "
+        "idle worker is then woken for every shard and timed until no row is `accepted` "
+        "(polled every 50 ms). Baseline (d) uses the worker's own max_jobs and poll delay."
+    )
+    sec.blocks.append(
+        table(
+            ["what", "per second", "service ÷ this"],
+            [
+                ("service worker: deliveries applied", rate, 1.0),
+                (
+                    f"(d) arq no-op jobs ({d['jobs']:,} jobs)",
+                    d["jobs_per_s"],
+                    ratio(rate, d["jobs_per_s"]),
+                ),
+                (
+                    "(e) upserts, 200/txn, 1 connection",
+                    e[1]["rows_per_s"],
+                    ratio(rate, e[1]["rows_per_s"]),
+                ),
+                (
+                    "(e) upserts, 200/txn, 4 connections",
+                    e[4]["rows_per_s"],
+                    ratio(rate, e[4]["rows_per_s"]),
+                ),
+            ],
+        )
+    )
+    sec.blocks.append(
+        table(
+            [
+                "drain s",
+                "wake-up jobs",
+                "deliveries per job",
+                "RSS idle MB",
+                "RSS peak MB",
+                "all rows by status (seed too)",
+            ],
+            [
+                (
+                    round(seconds, 2),
+                    jobs["jobs"],
+                    jobs["per_job"],
+                    round(idle_rss, 1),
+                    rss.peak,
+                    outcomes,
+                )
+            ],
+        )
+    )
+    sec.targets += [
+        Target("apply ≥ 10,000 deliveries/s", f"{rate:,.0f}/s", judge(p, rate >= 10_000)),
+        Target(
+            "apply ≥ 15x baseline (d)",
+            f"{ratio(rate, d['jobs_per_s'])}x",
+            judge(p, rate >= 15 * d["jobs_per_s"]),
+        ),
+        Target("worker RSS ≤ 250 MB during the drain", f"{rss.peak} MB", judge(p, rss.peak <= 250)),
+    ]
+    sec.data = {"rate": rate, "seconds": seconds, "jobs": jobs, "d": d, "e": e, "rss": rss.samples}
+    return sec

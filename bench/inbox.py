@@ -1,0 +1,125 @@
+"""Filling the inbox directly, the way the receiver would have stored each delivery, and
+waking the worker the way the receiver does (service.queue.Waker)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import astuple, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.load import Delivery
+from bench.procs import QUEUE, SECRET, BenchError, Proc
+from service import store
+from service.events import parse_delivery
+from service.queue import Waker, shard_of
+from service.signatures import verify
+
+COLUMNS = [f.name for f in fields(store.NewDelivery)]
+_KEPT_PREFIXES = ("x-hatched-", "hatched-")
+
+
+def as_stored(d: Delivery, shards: int) -> store.NewDelivery:
+    """The row service/receiver.py `receive` builds for this delivery (same calls, same order)."""
+    headers = {k.lower(): v for k, v in d.headers.items()}
+    # A huge tolerance: rows are stored a little after signing, like a backlog would be.
+    verified = verify(d.body, headers, [SECRET], time.time(), 10**9)
+    signed_at = datetime.fromtimestamp(verified.timestamp, UTC)
+    parsed = parse_delivery(d.body, headers, verified.format, signed_at)
+    event = parsed.event
+    return store.NewDelivery(
+        delivery_id=parsed.delivery_id,
+        format=verified.format,
+        event_type=event.type if event is not None else parsed.raw_type,
+        event_id=event.event_id if event is not None else None,
+        buddy_id=parsed.buddy_id,
+        shard=shard_of(parsed.buddy_id, shards) if parsed.buddy_id else 0,
+        occurred_at=event.occurred_at if event is not None else None,
+        signed_at=signed_at,
+        headers={k: v for k, v in headers.items() if k.startswith(_KEPT_PREFIXES)},
+        body=d.body,
+        status=parsed.status,
+        reason=parsed.reason,
+    )
+
+
+async def copy_in(conn: store.Conn, rows: Sequence[store.NewDelivery]) -> None:
+    """One COPY: the rows become visible to the worker together, when the caller commits."""
+    await conn.copy_records_to_table(
+        "deliveries", records=[astuple(r) for r in rows], columns=COLUMNS
+    )
+
+
+async def wake_all(redis_url: str, shards: int) -> None:
+    waker = Waker(redis_url, QUEUE, 2.0)
+    try:
+        for shard in range(shards):
+            if not await waker.wake(shard):
+                raise BenchError(f"could not wake shard {shard} through {redis_url}")
+    finally:
+        await waker.close()
+
+
+async def pending(conn: store.Executor) -> bool:
+    found: bool = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM deliveries WHERE status = 'accepted')"
+    )
+    return found
+
+
+async def wait_drained(
+    conn: store.Executor, worker: Proc, within: float, poll_s: float = 0.05
+) -> float:
+    """perf_counter() at the first poll that finds nothing `accepted` (resolution: poll_s)."""
+    deadline = time.monotonic() + within
+    while await pending(conn):
+        worker.check_alive()
+        if time.monotonic() > deadline:
+            raise BenchError(f"backlog not drained within {within:.0f}s")
+        await asyncio.sleep(poll_s)
+    return time.perf_counter()
+
+
+async def load_and_drain(
+    pool: store.Pool,
+    rows: Sequence[store.NewDelivery],
+    *,
+    redis_url: str,
+    shards: int,
+    worker: Proc,
+    within: float = 900.0,
+) -> float:
+    """COPY `rows` in one transaction, wake every shard, wait; returns the drain's seconds,
+    counted from the commit (the worker was already idle and ready)."""
+    async with pool.acquire() as conn, conn.transaction():
+        await copy_in(conn, rows)
+    started = time.perf_counter()
+    await wake_all(redis_url, shards)
+    return await wait_drained(pool, worker, within) - started
+
+
+def drained_jobs(log: Path, offset: int) -> dict[str, Any]:
+    """Wake-up jobs the worker logged (`shard_drained`) since byte `offset` of its log."""
+    jobs = claimed = 0
+    with log.open("rb") as f:
+        f.seek(offset)
+        for line in f:
+            if b'"shard_drained"' not in line:
+                continue
+            try:
+                doc = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            jobs += 1
+            claimed += int(doc.get("claimed", 0))
+    return {"jobs": jobs, "claimed": claimed, "per_job": round(claimed / jobs, 1) if jobs else 0}
+
+
+async def outcome_counts(conn: store.Executor) -> dict[str, int]:
+    rows = await conn.fetch("SELECT status, count(*) AS n FROM deliveries GROUP BY status")
+    return {r["status"]: r["n"] for r in rows}

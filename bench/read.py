@@ -1,0 +1,104 @@
+"""Read API: GET /v1/buddies/{id} (200 and 304) against a bare Starlette JSON endpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import orjson
+
+from bench import procs
+from bench.common import Ctx, check_load, database, get_spec, judge, latency, seed_buddies
+from bench.load import buddy_ids
+from bench.report import Section, Target, ratio, table
+from service import store
+from service.api import etag
+
+# --- read ----------------------------------------------------------------------------------
+
+
+async def read(ctx: Ctx) -> Section:
+    p = ctx.plan
+    sec = Section("read", "Read API")
+    ids = buddy_ids(p.buddies)
+    results: dict[str, dict[str, Any]] = {}
+    async with database(ctx, "read") as (dsn, env):
+        pool = await store.create_pool(dsn, size=2, timeout_s=10)
+        worker = await procs.start_worker(env, ctx.logs, "read_worker")
+        try:
+            await seed_buddies(pool, env, worker, ids, 4 * p.buddies)
+        finally:
+            await worker.stop()
+        versions = await pool.fetch("SELECT buddy_id, version FROM buddies")
+        await pool.close()
+        targets = [
+            (f"/v1/buddies/{r['buddy_id']}", etag(r["buddy_id"], r["version"])) for r in versions
+        ]
+        targets_file = ctx.logs / "read_targets.json"
+        targets_file.write_bytes(orjson.dumps(targets))
+        serve, port = await procs.start_service(env, ctx.logs, "read_serve")
+        try:
+            payload = await _typical_buddy(port, [t[0] for t in targets[:101]])
+            for name, conditional in (("service_200", False), ("service_304", True)):
+                results[name] = await procs.run_load(
+                    get_spec(ctx, port, targets_file, conditional), ctx.logs, f"read_{name}"
+                )
+        finally:
+            await serve.stop()
+    payload_file = ctx.logs / "read_payload.json"
+    payload_file.write_bytes(payload)
+    bare, port = await procs.start_baseline("json", ctx.logs, "--payload", str(payload_file))
+    try:
+        results["bare"] = await procs.run_load(
+            get_spec(ctx, port, targets_file, False), ctx.logs, "read_bare"
+        )
+    finally:
+        await bare.stop()
+    for name, r in results.items():
+        check_load(sec, name, r)
+    base = results["bare"]["rps"]
+    labels = {
+        "bare": f"bare Starlette JSON endpoint ({len(payload):,} B body, no DB)",
+        "service_200": "GET /v1/buddies/{id} → 200",
+        "service_304": "GET /v1/buddies/{id} + If-None-Match → 304",
+    }
+    rows = []
+    for name in ("bare", "service_200", "service_304"):
+        r = results[name]
+        lat = latency(r)
+        rows.append(
+            (
+                labels[name],
+                r["rps"],
+                lat.get("p50", 0.0),
+                lat.get("p99", 0.0),
+                r["statuses"],
+                ratio(r["rps"], base),
+            )
+        )
+    sec.blocks.append(
+        f"Closed loop, {p.read_conns} connections, {p.read_s:g} s after {p.warmup_s:g} s warm-up, "
+        f"random buddies out of {len(targets):,} (each hatched plus ~4 events of the mix)."
+    )
+    sec.blocks.append(table(["endpoint", "req/s", "p50 ms", "p99 ms", "statuses", "÷ bare"], rows))
+    r200, r304 = results["service_200"]["rps"], results["service_304"]["rps"]
+    sec.targets += [
+        Target(
+            "GET ≥ 0.8x bare JSON endpoint", f"{ratio(r200, base)}x", judge(p, r200 >= 0.8 * base)
+        ),
+        Target(
+            "304 path faster than 200", f"{ratio(r304, r200)}x the 200 path", judge(p, r304 > r200)
+        ),
+    ]
+    sec.data = results
+    return sec
+
+
+async def _typical_buddy(port: int, paths: list[str]) -> bytes:
+    """The median-sized buddy document, so the bare endpoint serves a same-size JSON."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        headers = {"Authorization": f"Bearer {procs.TOKEN}"}
+        bodies = sorted(
+            [(await client.get(path, headers=headers)).content for path in paths], key=len
+        )
+    return bodies[len(bodies) // 2]

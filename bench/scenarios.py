@@ -1,0 +1,236 @@
+"""Scenarios that send deliveries to the receiver: throughput against baselines (a), (b),
+(c); ack latency under an open-loop rate; freshness from 202 to visible."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench import procs
+from bench.common import (
+    PCT,
+    Ctx,
+    check_load,
+    database,
+    judge,
+    latency,
+    post_spec,
+    seed_buddies,
+)
+from bench.load import buddy_ids
+from bench.report import Section, Target, ratio, table
+from service import store
+
+# --- receiver ------------------------------------------------------------------------------
+
+RECEIVERS = {
+    "a": "(a) verify HMAC, answer 202",
+    "b": "(b) (a) + one INSERT per request",
+    "c": "(c) naive: verify + lock/project/upsert in the request",
+    "service": "hatched-mirror serve (the real receiver, JSON logs on)",
+}
+
+
+async def receiver(ctx: Ctx) -> Section:
+    p = ctx.plan
+    sec = Section("receiver", "Receiver throughput")
+    results: dict[str, dict[str, Any]] = {}
+    async with database(ctx, "receiver") as (dsn, env):
+        for name in RECEIVERS:
+            await procs.flush_redis(procs.SERVICE_REDIS_DB)
+            if name == "service":
+                proc, port = await procs.start_service(env, ctx.logs, "receiver_serve")
+            else:
+                proc, port = await procs.start_baseline(name, ctx.logs, "--dsn", dsn)
+            try:
+                spec = post_spec(
+                    ctx,
+                    port,
+                    mode="closed",
+                    concurrency=p.receiver_conns,
+                    duration=p.receiver_s,
+                    warmup=p.warmup_s,
+                    # (a) stores nothing, so repeating a delivery costs it nothing extra.
+                    cycle=name == "a",
+                )
+                results[name] = await procs.run_load(spec, ctx.logs, f"receiver_load_{name}")
+            finally:
+                await proc.stop()
+            check_load(sec, name, results[name])
+    svc = results["service"]["rps"]
+    rows = []
+    for name, label in RECEIVERS.items():
+        r = results[name]
+        lat = latency(r)
+        exhausted = " (ran out of pre-signed requests)" if r.get("exhausted") else ""
+        rows.append(
+            (
+                label + exhausted,
+                r["rps"],
+                lat.get("p50", 0.0),
+                lat.get("p99", 0.0),
+                r["bad_status"],
+                ratio(svc, r["rps"]),
+            )
+        )
+    sec.blocks.append(
+        f"Closed loop, {p.receiver_conns} connections, {p.receiver_s:g} s measured after "
+        f"{p.warmup_s:g} s warm-up, deliveries over {p.buddies:,} buddies, format {ctx.fmt}; "
+        "the worker is not running (the inbox grows; each request still does its wake-up)."
+    )
+    sec.blocks.append(
+        table(["receiver", "req/s", "p50 ms", "p99 ms", "non-202", "service ÷ this"], rows)
+    )
+    vs_b, vs_c = ratio(svc, results["b"]["rps"]), ratio(svc, results["c"]["rps"])
+    sec.targets += [
+        Target("throughput ≥ 1.0x baseline (b)", f"{vs_b}x", judge(p, vs_b >= 1.0)),
+        Target("throughput ≥ 1.2x baseline (c)", f"{vs_c}x", judge(p, vs_c >= 1.2)),
+    ]
+    sec.data = results
+    return sec
+
+
+# --- ack latency ---------------------------------------------------------------------------
+
+
+async def ack_latency(ctx: Ctx) -> Section:
+    p = ctx.plan
+    sec = Section("ack_latency", f"Receiver ack latency at {p.ack_rate:,.0f} deliveries/s")
+    async with database(ctx, "ack") as (dsn, env):
+        worker = await procs.start_worker(env, ctx.logs, "ack_worker")
+        try:
+            serve, port = await procs.start_service(env, ctx.logs, "ack_serve")
+            try:
+                count = int(p.ack_rate * (p.ack_s + p.warmup_s)) + 10
+                spec = post_spec(
+                    ctx,
+                    port,
+                    mode="open",
+                    rate=p.ack_rate,
+                    duration=p.ack_s,
+                    warmup=p.warmup_s,
+                    count=count,
+                )
+                r = await procs.run_load(spec, ctx.logs, "ack_load")
+            finally:
+                await serve.stop()
+            pool = await store.create_pool(dsn, size=1, timeout_s=10)
+            try:
+                backlog_at_end = await pool.fetchval(
+                    "SELECT count(*) FROM deliveries WHERE status = 'accepted'"
+                )
+            finally:
+                await pool.close()
+        finally:
+            await worker.stop()
+    check_load(sec, "service", r)
+    lat, svc, lag = latency(r), latency(r, "service_ms"), latency(r, "scheduler_lag_ms")
+    sec.blocks.append(
+        f"Open loop at {p.ack_rate:,.0f}/s for {p.ack_s:g} s (after {p.warmup_s:g} s warm-up), "
+        f"worker running, deliveries over {p.buddies:,} buddies. Latency counts from each "
+        "request's due time; 'service' counts from the moment it was written to the socket."
+    )
+    cols = ["from", "n", "p50 ms", "p95 ms", "p99 ms", "p99.9 ms", "max ms"]
+    sec.blocks.append(
+        table(
+            cols,
+            [
+                ("due time", lat.get("n", 0), *(lat.get(k, 0.0) for k in PCT)),
+                ("send", svc.get("n", 0), *(svc.get(k, 0.0) for k in PCT)),
+            ],
+        )
+    )
+    sec.blocks.append(
+        table(
+            ["sent/s", "202s", "non-202", "errors", "peak conns", "sched lag p99 ms", "pending"],
+            [
+                (
+                    r["sent_rate"],
+                    r["ok"],
+                    r["bad_status"],
+                    sum(r["errors"].values()),
+                    r["peak_connections"],
+                    lag.get("p99", 0.0),
+                    backlog_at_end,
+                )
+            ],
+        )
+    )
+    p99 = lat.get("p99", 1e9)
+    sec.targets.append(
+        Target(
+            f"ack p99 ≤ 50 ms at {p.ack_rate:,.0f}/s for {p.ack_s:g} s",
+            f"{p99} ms",
+            judge(p, p99 <= 50 and not r["bad_status"]),
+        )
+    )
+    sec.data = r
+    return sec
+
+
+# --- freshness -----------------------------------------------------------------------------
+
+
+async def freshness(ctx: Ctx) -> Section:
+    p = ctx.plan
+    sec = Section("freshness", f"Freshness at {p.fresh_rate:,.0f} deliveries/s")
+    ids = buddy_ids(p.buddies)
+    async with database(ctx, "fresh") as (dsn, env):
+        pool = await store.create_pool(dsn, size=2, timeout_s=10)
+        worker = await procs.start_worker(env, ctx.logs, "fresh_worker")
+        try:
+            await seed_buddies(pool, env, worker, ids, 0)
+            serve, port = await procs.start_service(env, ctx.logs, "fresh_serve")
+            try:
+                spec = post_spec(
+                    ctx,
+                    port,
+                    mode="open",
+                    rate=p.fresh_rate,
+                    duration=p.fresh_s,
+                    warmup=p.warmup_s,
+                    count=int(p.fresh_rate * (p.fresh_s + p.warmup_s)) + 10,
+                    probe_every=p.probe_every,
+                    probe_via=ctx.probe_via,
+                )
+                r = await procs.run_load(spec, ctx.logs, "fresh_load")
+            finally:
+                await serve.stop()
+        finally:
+            await worker.stop()
+            await pool.close()
+    probe = r["probe"]
+    f = probe["freshness_ms"] or {}
+    check_load(sec, "service", r)
+    if probe["seen"] < probe["probes"]:
+        sec.warnings.append(
+            f"{probe['probes'] - probe['seen']} probes never saw their change "
+            f"(timeouts {probe['timeouts']}, errors {probe['errors']})"
+        )
+    watch = (
+        "the buddy's SSE stream (opened before the POST)"
+        if ctx.probe_via == "sse"
+        else "GET with If-None-Match every 5 ms"
+    )
+    sec.blocks.append(
+        f"Open loop at {p.fresh_rate:,.0f}/s for {p.fresh_s:g} s, worker running, {p.buddies:,} "
+        f"hatched buddies. Every {p.probe_every}th delivery is a probe: a coins.earned with a "
+        f"unique balance, watched through {watch}; freshness is from the probe's 202 to the "
+        "balance being visible."
+    )
+    ack = latency(r)
+    sec.blocks.append(
+        table(
+            ["what", "n", "p50 ms", "p95 ms", "p99 ms", "p99.9 ms", "max ms"],
+            [
+                ("freshness (202 → visible)", f.get("n", 0), *(f.get(k, 0.0) for k in PCT)),
+                ("ack latency (all deliveries)", ack.get("n", 0), *(ack.get(k, 0.0) for k in PCT)),
+            ],
+        )
+    )
+    p95, p99 = f.get("p95", 1e9), f.get("p99", 1e9)
+    sec.targets += [
+        Target("freshness p95 ≤ 100 ms", f"{p95} ms", judge(p, p95 <= 100)),
+        Target("freshness p99 ≤ 250 ms", f"{p99} ms", judge(p, p99 <= 250)),
+    ]
+    sec.data = r
+    return sec
