@@ -72,5 +72,6 @@ class Inbox:
             self._inflight -= 1
 
     async def close(self) -> None:
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        # A flush finishing now may still spawn its wake-up: wait until nothing is left.
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

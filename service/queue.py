@@ -101,11 +101,12 @@ class Waker:
         self._timeout = timeout_s
         self._op_timeout = max(op_timeout_s, timeout_s)
         self._redis: ArqRedis | None = None
+        self._closed = False
         self._retry_at = 0.0
         self._lock = asyncio.Lock()
 
     async def _pool(self) -> ArqRedis | None:
-        if self._redis is not None:
+        if self._redis is not None or self._closed:
             return self._redis
         if time.monotonic() < self._retry_at:
             return None
@@ -188,6 +189,7 @@ class Waker:
             return False
 
     async def close(self) -> None:
+        self._closed = True  # a late caller gets no new connection that nobody would close
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None

@@ -291,6 +291,10 @@ async def stop(worker: Worker, main: asyncio.Task[None], grace_s: float = 30.0) 
     """Stop an in-process worker the way SIGTERM would: take no new job, let running ones end."""
     worker.allow_pick_jobs = False
     worker.ctx["stopping"] = True
+    # Stop the poll loop first, so no job starts after the ones waited for below (a job
+    # cancelled half-way through opening a connection would leak it).
+    main.cancel()
+    await asyncio.gather(main, return_exceptions=True)
     running = [t for t in worker.tasks.values() if not t.done()]
     if running:
         _, late = await asyncio.wait(running, timeout=grace_s)
@@ -299,8 +303,6 @@ async def stop(worker: Worker, main: asyncio.Task[None], grace_s: float = 30.0) 
         for task in late:
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
-    main.cancel()
-    await asyncio.gather(main, return_exceptions=True)
     # arq's close() gathers its job tasks without return_exceptions: hand it none that ended in
     # cancellation, or that CancelledError would surface here.
     for job_id, task in list(worker.tasks.items()):
