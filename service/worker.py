@@ -7,6 +7,7 @@ designed for: a batch commits or not as a whole, and rows already final are neve
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
 import socket
 import time
@@ -57,6 +58,9 @@ async def startup(ctx: dict[str, Any]) -> None:
             bucket=bucket,
             on_request=metrics.observe_hatched_call,
             timeout=httpx.Timeout(settings.hatched_api_timeout_s, connect=5),
+            # A job waiting for budget would hold a worker slot that applying needs: wait
+            # briefly, then defer the job instead (see refresh_buddy).
+            budget_wait_s=1.0,
         )
 
 
@@ -150,7 +154,9 @@ async def refresh_buddy(ctx: dict[str, Any], buddy_id: str, priority: bool = Fal
     try:
         remote = await api.get_buddy(buddy_id, priority=priority)
     except BudgetExhausted:
-        # The budget is spent on more urgent work; reconciliation comes back to this buddy.
+        if ctx.get("job_try", 1) < MAX_REFRESH_DEFERRALS:
+            raise Retry(defer=random.uniform(2.0, 10.0)) from None
+        # The budget stays spent on more urgent work; reconciliation comes back to this buddy.
         metrics.REFRESHES.labels(outcome="skipped_budget").inc()
         return "skipped_budget"
     except HatchedAPIError as exc:
