@@ -109,36 +109,10 @@ def not_configured() -> Problem:
 
 
 class UserBroadcaster(Broadcaster):
-    """service.stream.Broadcaster on the bootstraps channel: subscribers keyed by user id."""
+    """service.stream.Broadcaster on the bootstraps channel, whose payload is the user id."""
 
-    async def _run(self) -> None:
-        delay = 0.5
-        while not self._closing.is_set():
-            conn: asyncpg.Connection[asyncpg.Record] | None = None
-            try:
-                conn = await asyncpg.connect(self._dsn, timeout=self._timeout)
-                lost = asyncio.Event()
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(hatching.CHANNEL, self._on_notify)
-                self.connected.set()
-                delay = 0.5
-                self._poke_all()  # anything missed while disconnected: everyone re-reads
-                await lost.wait()
-                log.warning("bootstrap_listener_lost")
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("bootstrap_listener_unavailable", error=repr(exc))
-            finally:
-                self.connected.clear()
-                if conn is not None and not conn.is_closed():
-                    with contextlib.suppress(Exception):
-                        await conn.close(timeout=1)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
-
-    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
-        for queue in self._subscribers.get(str(payload), ()):
-            with contextlib.suppress(asyncio.QueueFull):
-                queue.put_nowait(None)
+    def key(self, payload: str) -> str:
+        return payload
 
 
 @dataclass
@@ -166,7 +140,10 @@ async def running(app: Starlette, settings: Settings) -> AsyncIterator[Bootstrap
     """The app's bootstrap clients (enter it in the lifespan): user streams, Redis, Hatched."""
     assert settings.database_url is not None
     users = UserBroadcaster(
-        settings.database_url, settings.stream_max_clients, settings.db_timeout_s
+        settings.database_url,
+        settings.stream_max_clients,
+        settings.db_timeout_s,
+        channel=hatching.CHANNEL,
     )
     redis = _redis(settings)
     hatched = None

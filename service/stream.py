@@ -27,9 +27,15 @@ class TooManyClients(Exception):
 
 class Broadcaster:
     def __init__(
-        self, dsn: str, max_clients: int, timeout_s: float, cache: BuddyCache | None = None
+        self,
+        dsn: str,
+        max_clients: int,
+        timeout_s: float,
+        cache: BuddyCache | None = None,
+        channel: str = store.NOTIFY_CHANNEL,
     ) -> None:
         self._dsn = dsn
+        self._channel = channel
         self.cache = cache if cache is not None else BuddyCache(0)
         self._max = max_clients
         self._timeout = timeout_s
@@ -68,7 +74,7 @@ class Broadcaster:
                 conn = await asyncpg.connect(self._dsn, timeout=self._timeout)
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(store.NOTIFY_CHANNEL, self._on_notify)
+                await conn.add_listener(self._channel, self._on_notify)
                 # Whatever changed while nobody listened is unknown: start the cache empty.
                 self.cache.clear()
                 self.connected.set()
@@ -88,10 +94,15 @@ class Broadcaster:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
 
+    def key(self, payload: str) -> str:
+        """Which subscribers a notification is for: the buddy of `buddy_id:version`."""
+        return payload.rpartition(":")[0]
+
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
-        buddy_id = str(payload).rpartition(":")[0]
-        self.cache.invalidate(buddy_id)
-        for queue in self._subscribers.get(buddy_id, ()):
+        key = self.key(str(payload))
+        if self.cache.enabled:
+            self.cache.invalidate(key)
+        for queue in self._subscribers.get(key, ()):
             _poke(queue)
 
     def _poke_all(self) -> None:
