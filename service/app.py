@@ -317,6 +317,8 @@ def create_app(settings: Settings, *, demo: bool = False) -> Starlette:
                 expose_headers=["ETag"],
             )
         )
+    # Innermost, so CORS and the request id still apply to what it answers.
+    middleware.append(Middleware(api.CachedBuddyReads))
     return Starlette(
         routes=routes,
         middleware=middleware,

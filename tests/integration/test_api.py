@@ -409,3 +409,27 @@ async def test_cached_reads_follow_every_change(
                 assert asyncio.get_running_loop().time() < deadline, "the cache kept a stale buddy"
                 await asyncio.sleep(0.01)
             assert seen["version"] == first.json()["version"] + 1
+
+
+async def test_cached_reads_answer_exactly_as_the_router_does(
+    http: httpx.AsyncClient, seeded: list[str]
+) -> None:
+    """The first read of a buddy goes through the router and fills the cache; the same read
+    again is answered by the fast path in front of it: the two answers must not differ."""
+
+    def answer(r: httpx.Response) -> tuple[int, list[tuple[str, str]], bytes]:
+        skip = {"date", "server", "x-request-id"}
+        return r.status_code, [h for h in r.headers.multi_items() if h[0] not in skip], r.content
+
+    # A 304 first: the router answers it (and fills the cache), then the fast path.
+    conditional = {**READ, "If-None-Match": '"buddy_3.1"'}
+    routed = await http.get("/v1/buddies/buddy_3", headers=conditional)
+    assert routed.status_code == 304
+    assert answer(await http.get("/v1/buddies/buddy_3", headers=conditional)) == answer(routed)
+    routed = await http.get("/v1/buddies/buddy_4", headers=READ)
+    assert routed.status_code == 200
+    assert answer(await http.get("/v1/buddies/buddy_4", headers=READ)) == answer(routed)
+    # A cached buddy still needs a token, and gets the router's problem without one.
+    problem(await http.get("/v1/buddies/buddy_4"), 401, "unauthorized")
+    request_id = await http.get("/v1/buddies/buddy_4", headers={**READ, "X-Request-ID": "r-7"})
+    assert request_id.headers["x-request-id"] == "r-7"

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from starlette.types import Message, Receive, Scope, Send
+
+from service.api import CachedBuddyReads
 from service.cache import BuddyCache
 
 
@@ -48,3 +55,96 @@ def test_disabled_cache_stores_nothing() -> None:
     cache = BuddyCache(0)
     cache.put("b1", cache.token("b1"), "t", b"x")
     assert not cache.enabled and cache.get("b1") is None
+
+
+# The read fast path in front of the router (service/api.py CachedBuddyReads).
+
+TOKEN = "read-token"
+
+
+def _app_with(cache: BuddyCache, connected: bool = True) -> SimpleNamespace:
+    listening = asyncio.Event()
+    if connected:
+        listening.set()
+    broadcaster = SimpleNamespace(cache=cache, connected=listening)
+    mirror = SimpleNamespace(broadcaster=broadcaster, settings=SimpleNamespace(api_tokens=[TOKEN]))
+    return SimpleNamespace(state=SimpleNamespace(mirror=mirror))
+
+
+async def _call(
+    app: SimpleNamespace, path: str, headers: dict[str, str], method: str = "GET"
+) -> tuple[list[Message], bool]:
+    """What the fast path sends, and whether it handed the request on to the router."""
+    sent: list[Message] = []
+    routed = False
+
+    async def router(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal routed
+        routed = True
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "root_path": "",
+        "app": app,
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+    }
+    await CachedBuddyReads(router)(scope, receive, send)
+    return sent, routed
+
+
+def _warm() -> BuddyCache:
+    cache = BuddyCache(10)
+    cache.put("b1", cache.token("b1"), '"b1.3"', b'{"buddy_id":"b1"}')
+    return cache
+
+
+async def test_a_cached_buddy_is_answered_without_routing() -> None:
+    sent, routed = await _call(
+        _app_with(_warm()), "/v1/buddies/b1", {"Authorization": "Bearer " + TOKEN}
+    )
+    assert not routed
+    assert sent[0] == {
+        "type": "http.response.start",
+        "status": 200,
+        "headers": [
+            (b"etag", b'"b1.3"'),
+            (b"cache-control", b"no-cache"),
+            (b"content-length", b"17"),
+            (b"content-type", b"application/json"),
+        ],
+    }
+    assert sent[1] == {"type": "http.response.body", "body": b'{"buddy_id":"b1"}'}
+
+
+async def test_a_matching_etag_is_304_without_routing() -> None:
+    headers = {"Authorization": "Bearer " + TOKEN, "If-None-Match": 'W/"x", "b1.3"'}
+    sent, routed = await _call(_app_with(_warm()), "/v1/buddies/b1", headers)
+    assert not routed and sent[0]["status"] == 304 and sent[1]["body"] == b""
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "method", "connected"),
+    [
+        ("/v1/buddies/b1", {}, "GET", True),  # no token: the router's 401
+        ("/v1/buddies/b1", {"Authorization": "Bearer wrong"}, "GET", True),
+        ("/v1/buddies/b2", {"Authorization": "Bearer " + TOKEN}, "GET", True),  # a miss
+        ("/v1/buddies/b1/ledger", {"Authorization": "Bearer " + TOKEN}, "GET", True),
+        ("/v1/buddies/", {"Authorization": "Bearer " + TOKEN}, "GET", True),
+        ("/v1/buddies/b1", {"Authorization": "Bearer " + TOKEN}, "POST", True),
+        # Not listening for changes: the cache may be stale, so it is not used.
+        ("/v1/buddies/b1", {"Authorization": "Bearer " + TOKEN}, "GET", False),
+    ],
+)
+async def test_anything_else_goes_to_the_router(
+    path: str, headers: dict[str, str], method: str, connected: bool
+) -> None:
+    sent, routed = await _call(_app_with(_warm(), connected), path, headers, method)
+    assert routed and sent == []
