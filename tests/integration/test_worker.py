@@ -130,3 +130,19 @@ async def test_version_and_updated_at_move_only_on_change(
         await wait_settled(db)
     assert v1 == 1
     assert await store.get_version(db, "buddy_v") == 2
+
+
+async def test_lookups_are_planned_for_the_table_as_it_is_now(db: store.Pool) -> None:
+    """A generic plan cached while `buddies` was empty is a sequential scan that a pooled
+    connection would keep as the table grows; the pools plan every execution instead."""
+    async with db.acquire() as conn:
+        for _ in range(10):  # Postgres considers a generic plan from the sixth execution on
+            async with conn.transaction():
+                assert await store.lock_buddies(conn, ["nobody"]) == {}
+        plans = await conn.fetchrow(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+            " WHERE statement = $1",
+            store.LOCK_BUDDIES,
+        )
+    assert plans is not None
+    assert (plans["generic_plans"], plans["custom_plans"]) == (0, 10)
