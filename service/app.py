@@ -289,7 +289,7 @@ def create_app(settings: Settings, *, demo: bool = False) -> Starlette:
             BuddyCache(settings.read_cache_size),
         )
         broadcaster.start()
-        inbox = Inbox(pool, waker, max_inflight=max(1, settings.db_pool_size // 2))
+        inbox = Inbox(pool, waker)
         app.state.mirror = AppState(
             settings=settings, pool=pool, waker=waker, broadcaster=broadcaster, inbox=inbox
         )
