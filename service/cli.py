@@ -14,6 +14,7 @@ import click
 import httpx
 import orjson
 import uvicorn
+import uvloop
 from prometheus_client import start_http_server
 
 from service import logs, store
@@ -97,6 +98,10 @@ def worker() -> None:
     if settings.worker_metrics_port:
         # The worker has no HTTP server of its own; Prometheus scrapes this port.
         start_http_server(settings.worker_metrics_port)
+    # uvloop, as uvicorn uses for `serve`: a worker's time goes mostly to small socket round
+    # trips to Postgres and Redis, which uvloop's transports make cheaper. arq takes the
+    # current loop.
+    asyncio.set_event_loop(uvloop.new_event_loop())
     create_worker(settings).run()
 
 
