@@ -235,19 +235,19 @@ async def claim_seqs(conn: Conn, seqs: Sequence[int]) -> list[asyncpg.Record]:
     return list(await conn.fetch(CLAIM_SEQS, list(seqs)))
 
 
-# No condition on status here: with one, a planner without statistics yet (a new database
-# filling up) ANDs in deliveries_prune_idx, which covers every applied row, and the lookup
-# grows with the table. Filtering the few matching rows in Python keeps it an index probe.
+# Probes of the unique index deliveries_applied_event_idx (sql/0006), written exactly as its
+# expression and predicate so the planner takes it: at most one row per id, statistics or not.
 SEEN_EVENT_IDS = """
-SELECT event_id, status FROM deliveries WHERE event_id = ANY($1::text[])
+SELECT event_id FROM deliveries
+WHERE event_id IS NOT NULL
+  AND (CASE WHEN status = 'applied' THEN event_id END) = ANY($1::text[])
 """
 
 
 async def seen_event_ids(conn: Conn, event_ids: Sequence[str]) -> set[str]:
     if not event_ids:
         return set()
-    rows = await conn.fetch(SEEN_EVENT_IDS, list(event_ids))
-    return {r["event_id"] for r in rows if r["status"] == "applied"}
+    return {r["event_id"] for r in await conn.fetch(SEEN_EVENT_IDS, list(event_ids))}
 
 
 FINISH_DELIVERIES = """
@@ -354,12 +354,13 @@ async def lock_buddies(conn: Conn, buddy_ids: Iterable[str]) -> dict[str, tuple[
     return {r["buddy_id"]: (_buddy(r), r["version"]) for r in rows}
 
 
-_PARAMS = ", ".join(f"${i}" for i in range(1, len(STATE_FIELDS) + 1))
-_N = len(STATE_FIELDS)
 _UPDATES = ", ".join(f"{name} = EXCLUDED.{name}" for name in STATE_FIELDS if name != "buddy_id")
-UPSERT_BUDDY = f"""
+# A whole batch in one statement (one plan, one round trip) rather than a statement per buddy:
+# the rows travel as one JSON array, which Postgres turns into `buddies` records itself (JSON
+# arrays to text[], objects to jsonb, ISO strings to timestamptz).
+UPSERT_BUDDIES = f"""
 INSERT INTO buddies ({_COLUMNS}, version)
-VALUES ({_PARAMS}, ${_N + 1})
+SELECT {_COLUMNS}, version FROM jsonb_populate_recordset(NULL::buddies, $1::jsonb)
 ON CONFLICT (buddy_id) DO UPDATE SET {_UPDATES},
     version = EXCLUDED.version,
     updated_at = CASE WHEN EXCLUDED.version <> buddies.version THEN now()
@@ -368,12 +369,13 @@ ON CONFLICT (buddy_id) DO UPDATE SET {_UPDATES},
 
 
 async def save_buddies(conn: Conn, rows: Sequence[tuple[Buddy, int]]) -> None:
-    """Write (state, version) pairs; `updated_at` moves only when the version did."""
+    """Write (state, version) pairs, one per buddy; `updated_at` moves only when the version
+    did."""
     if rows:
-        await conn.executemany(
-            UPSERT_BUDDY,
-            [(*(getattr(b, name) for name in STATE_FIELDS), v) for b, v in rows],
-        )
+        batch = [
+            {**{name: getattr(b, name) for name in STATE_FIELDS}, "version": v} for b, v in rows
+        ]
+        await conn.execute(UPSERT_BUDDIES, batch)
 
 
 NOTIFY = f"SELECT pg_notify('{NOTIFY_CHANNEL}', x) FROM unnest($1::text[]) AS x"
@@ -389,17 +391,19 @@ _LEDGER_FIELDS = tuple(f.name for f in fields(LedgerEntry))
 INSERT_LEDGER = """
 INSERT INTO ledger (delivery_id, seq, buddy_id, currency, amount, balance_after, reason,
                     reference_id, ledger_id, is_lucky, occurred_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+SELECT delivery_id, seq, buddy_id, currency, amount, balance_after, reason,
+       reference_id, ledger_id, is_lucky, occurred_at
+FROM jsonb_populate_recordset(NULL::ledger, $1::jsonb)
 ON CONFLICT (delivery_id) DO NOTHING
 """
 
 
 async def insert_ledger(conn: Conn, entries: Sequence[LedgerEntry]) -> None:
     if entries:
-        await conn.executemany(
+        await conn.execute(
             INSERT_LEDGER,
-            # Field by field: dataclasses.astuple deep-copies, a cost on the apply path.
-            [tuple(getattr(e, f) for f in _LEDGER_FIELDS) for e in entries],
+            # Field by field: dataclasses.asdict deep-copies, a cost on the apply path.
+            [{f: getattr(e, f) for f in _LEDGER_FIELDS} for e in entries],
         )
 
 

@@ -140,9 +140,30 @@ async def test_lookups_are_planned_for_the_table_as_it_is_now(db: store.Pool) ->
             async with conn.transaction():
                 assert await store.lock_buddies(conn, ["nobody"]) == {}
         plans = await conn.fetchrow(
-            "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
-            " WHERE statement = $1",
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = $1",
             store.LOCK_BUDDIES,
         )
     assert plans is not None
     assert (plans["generic_plans"], plans["custom_plans"]) == (0, 10)
+
+
+async def test_duplicate_lookup_probes_the_unique_index(db: store.Pool) -> None:
+    """However many deliveries a new (unanalysed) inbox holds, a batch of v1 event ids is
+    looked up by index, never by scanning the inbox."""
+    await db.execute(
+        """
+        INSERT INTO deliveries (delivery_id, format, event_type, event_id, buddy_id, shard,
+                                occurred_at, signed_at, headers, body, status, applied_at)
+        SELECT 'd' || i, 'v1', 'coins.earned', 'evt_' || i, 'b' || i % 1000, i % 32,
+               now(), now(), '{}', '\\x00', 'applied', now()
+        FROM generate_series(1, 100000) AS i
+        """
+    )
+    ids = [f"evt_{i}" for i in range(0, 60000, 300)]
+    async with db.acquire() as conn:
+        plan = await conn.fetchval(
+            "EXPLAIN (FORMAT JSON) " + store.SEEN_EVENT_IDS.replace("$1::text[]", "$1"), ids
+        )
+        found = await store.seen_event_ids(conn, ids)
+    assert "deliveries_applied_event_idx" in plan and "Seq Scan" not in plan
+    assert found == {f"evt_{i}" for i in range(300, 60000, 300)}
