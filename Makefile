@@ -38,7 +38,11 @@ integration: $(VENV)/.test-installed
 	$(BIN)/pytest tests/integration
 
 # The benchmark suite (bench/BENCHMARKS.md says what it measures); the smoke run keeps it working.
-bench: $(VENV)/.test-installed
+$(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[bench]'
+	touch $@ $(VENV)/.test-installed $(VENV)/.dev-installed
+
+bench: $(VENV)/.bench-installed
 	$(BIN)/python -m bench.run
 
 bench-smoke: $(VENV)/.test-installed

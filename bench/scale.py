@@ -117,6 +117,11 @@ async def scale(ctx: Ctx) -> Section:
         pool = await store.create_pool(dsn, size=2, timeout_s=3600)
         worker = await procs.start_worker(env, ctx.logs, "scale_worker")
         serve, port = await procs.start_service(env, ctx.logs, "scale_serve")
+        # The same service with its read cache off: what a read costs when it goes to Postgres,
+        # which is what grows with the data (the cache's hit rate depends on the traffic's
+        # skew, not on how much is stored).
+        no_cache = {**env, "MIRROR_READ_CACHE_SIZE": "0"}
+        serve_db, port_db = await procs.start_service(no_cache, ctx.logs, "scale_serve_db")
         try:
             tpl = min(TEMPLATE_BUDDIES, p.scale_sizes[0])
             await seed_buddies(pool, env, worker, buddy_ids(tpl), tpl * (p.per_buddy - 1))
@@ -153,6 +158,11 @@ async def scale(ctx: Ctx) -> Section:
                 )
                 check_load(sec, f"read at {size:,} buddies", r)
                 lat = r.get("latency_ms") or {}
+                r_db = await procs.run_load(
+                    get_spec(ctx, port_db, targets, False), ctx.logs, f"scale_read_db_{size}"
+                )
+                check_load(sec, f"database read at {size:,} buddies", r_db)
+                lat_db = r_db.get("latency_ms") or {}
                 points.append(
                     {
                         "buddies": size,
@@ -163,9 +173,13 @@ async def scale(ctx: Ctx) -> Section:
                         "read_rps": r["rps"],
                         "read_p50": lat.get("p50", 0.0),
                         "read_p99": lat.get("p99", 0.0),
+                        "db_read_rps": r_db["rps"],
+                        "db_read_p50": lat_db.get("p50", 0.0),
+                        "db_read_p99": lat_db.get("p99", 0.0),
                     }
                 )
         finally:
+            await serve_db.stop()
             await serve.stop()
             await worker.stop()
             await pool.close()
@@ -177,8 +191,11 @@ async def scale(ctx: Ctx) -> Section:
             x["fill_s"],
             x["apply_per_s"],
             ratio(x["apply_per_s"], first["apply_per_s"]),
+            x["db_read_rps"],
+            x["db_read_p50"],
+            x["db_read_p99"],
+            ratio(x["db_read_p99"], first["db_read_p99"]),
             x["read_rps"],
-            x["read_p50"],
             x["read_p99"],
             ratio(x["read_p99"], first["read_p99"]),
             x["rss_mb"],
@@ -191,7 +208,10 @@ async def scale(ctx: Ctx) -> Section:
         f"each size: a {p.scale_backlog:,}-delivery backlog over "
         f"{min(BACKLOG_BUDDIES, p.scale_sizes[0]):,} random buddies drained by one worker, "
         f"then {p.read_s:g} s of closed-loop GETs ({p.read_conns} connections) over random "
-        "buddies of the whole set."
+        "buddies of the whole set, once with the read cache off (every GET goes to Postgres: "
+        "the database path, which the target is judged on) and once with the service as "
+        "configured by default (a 10,000-entry cache, which a uniform spread over more buddies "
+        "mostly misses)."
     )
     sec.blocks.append(
         table(
@@ -201,9 +221,12 @@ async def scale(ctx: Ctx) -> Section:
                 "fill s",
                 "apply/s",
                 "÷ first",
-                "read req/s",
-                "read p50 ms",
-                "read p99 ms",
+                "db read req/s",
+                "db read p50 ms",
+                "db read p99 ms",
+                "÷ first",
+                "cached read req/s",
+                "cached read p99 ms",
                 "÷ first",
                 "worker RSS MB",
             ],
@@ -215,12 +238,12 @@ async def scale(ctx: Ctx) -> Section:
         f"Plot: `{ctx.plot}`" if plotted else "Plot skipped: matplotlib is not installed."
     )
     apply_ok = last["apply_per_s"] >= 0.8 * first["apply_per_s"]
-    read_ok = last["read_p99"] <= 1.2 * first["read_p99"]
+    read_ok = last["db_read_p99"] <= 1.2 * first["db_read_p99"]
     at = f"at {last['buddies']:,} buddies vs {first['buddies']:,}"
     sec.targets += [
         Target(
-            f"read p99 within 20% {at}",
-            f"{ratio(last['read_p99'], first['read_p99'])}x",
+            f"read p99 (database path) within 20% {at}",
+            f"{ratio(last['db_read_p99'], first['db_read_p99'])}x",
             judge(p, read_ok),
         ),
         Target(
@@ -244,8 +267,9 @@ def plot(points: list[dict[str, Any]], path: Path) -> bool:
     plt: Any = importlib.import_module("matplotlib.pyplot")
     sizes = [x["buddies"] for x in points]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(sizes, [x["read_p99"] for x in points], "o-", label="p99")
-    left.plot(sizes, [x["read_p50"] for x in points], "o--", label="p50")
+    left.plot(sizes, [x["db_read_p99"] for x in points], "o-", label="p99, database path")
+    left.plot(sizes, [x["db_read_p50"] for x in points], "o--", label="p50, database path")
+    left.plot(sizes, [x["read_p99"] for x in points], "s:", label="p99, 10k-entry cache on")
     left.set(xscale="log", xlabel="buddies", ylabel="ms", title="GET /v1/buddies/{id} latency")
     left.set_ylim(bottom=0)
     left.legend()
