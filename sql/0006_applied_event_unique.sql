@@ -8,8 +8,10 @@
 -- without statistics. It indexes an expression rather than having a `status = 'applied'`
 -- predicate, because a query implying that predicate would also qualify the prune index.
 -- The unique index makes "applied twice" impossible at the database, not only in code.
-DROP INDEX deliveries_event_id_idx;
-CREATE UNIQUE INDEX deliveries_applied_event_idx
+-- IF [NOT] EXISTS: on a large inbox an operator may build the index beforehand with
+-- CREATE UNIQUE INDEX CONCURRENTLY (README, Database), and drop the old one the same way.
+DROP INDEX IF EXISTS deliveries_event_id_idx;
+CREATE UNIQUE INDEX IF NOT EXISTS deliveries_applied_event_idx
     ON deliveries ((CASE WHEN status = 'applied' THEN event_id END))
     WHERE event_id IS NOT NULL;
 COMMENT ON INDEX deliveries_applied_event_idx IS
