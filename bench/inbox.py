@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import astuple, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,11 +93,15 @@ async def load_and_drain(
     shards: int,
     worker: Proc,
     within: float = 900.0,
+    before_drain: Callable[[], Awaitable[object]] | None = None,
 ) -> float:
     """COPY `rows` in one transaction, wake every shard, wait; returns the drain's seconds,
-    counted from the commit (the worker was already idle and ready)."""
+    counted from the commit (the worker was already idle and ready). `before_drain` runs
+    between the two, outside the timing."""
     async with pool.acquire() as conn, conn.transaction():
         await copy_in(conn, rows)
+    if before_drain is not None:
+        await before_drain()
     started = time.perf_counter()
     await wake_all(redis_url, shards)
     return await wait_drained(pool, worker, within) - started

@@ -8,6 +8,7 @@ old, inside the default retention (30 days), so the worker's prune job leaves th
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import random
 import time
@@ -77,6 +78,48 @@ ON CONFLICT (delivery_id) DO NOTHING
 """
 
 
+# What the database wrote and read for a drain (cluster-wide counters: nothing else runs).
+WRITE_COUNTERS = """
+SELECT (SELECT wal_bytes FROM pg_stat_wal)::float8 AS wal_bytes,
+       (SELECT wal_fpi FROM pg_stat_wal)::float8 AS wal_fpi,
+       (SELECT sum(idx_blks_read) FROM pg_statio_user_indexes
+        WHERE relname = 'deliveries')::float8 AS idx_read,
+       (SELECT sum(idx_blks_hit) FROM pg_statio_user_indexes
+        WHERE relname = 'deliveries')::float8 AS idx_hit
+"""
+# Backends publish their statistics within a second of going idle.
+STATS_SETTLE_S = 1.5
+
+
+class WriteCost:
+    """Counters around a drain: WAL bytes and full-page images, and the inbox's index blocks
+    found outside shared_buffers, per delivery applied."""
+
+    def __init__(self, pool: store.Pool) -> None:
+        self._pool = pool
+        self._before: dict[str, float] = {}
+
+    async def _read(self) -> dict[str, float]:
+        await asyncio.sleep(STATS_SETTLE_S)
+        row = await self._pool.fetchrow(WRITE_COUNTERS)
+        assert row is not None
+        return {k: float(v or 0) for k, v in dict(row).items()}
+
+    async def start(self) -> None:
+        self._before = await self._read()
+
+    async def per_delivery(self, n: int) -> dict[str, float]:
+        after = await self._read()
+        d = {k: (after[k] - self._before[k]) / n for k in after}
+        total_idx = d["idx_read"] + d["idx_hit"]
+        return {
+            "wal_kb": round(d["wal_bytes"] / 1024, 2),
+            "fpi": round(d["wal_fpi"], 2),
+            "idx_read": round(d["idx_read"], 2),
+            "idx_miss_pct": round(100 * d["idx_read"] / total_idx, 1) if total_idx else 0.0,
+        }
+
+
 class Filler:
     def __init__(self, pool: store.Pool) -> None:
         self._pool = pool
@@ -139,6 +182,7 @@ async def scale(ctx: Ctx) -> Section:
                     p.scale_backlog, ids, secret=procs.SECRET, fmt=ctx.fmt, seed=i
                 )
                 stored_rows = [inbox.as_stored(d, n_shards) for d in load]
+                cost = WriteCost(pool)
                 async with procs.RssSampler(worker.pid) as rss:
                     seconds = await inbox.load_and_drain(
                         pool,
@@ -146,7 +190,10 @@ async def scale(ctx: Ctx) -> Section:
                         redis_url=env["REDIS_URL"],
                         shards=n_shards,
                         worker=worker,
+                        before_drain=cost.start,
                     )
+                written = await cost.per_delivery(p.scale_backlog)
+                index_mb = await pool.fetchval("SELECT pg_indexes_size('deliveries') / 1048576.0")
                 targets = ctx.logs / f"scale_targets_{size}.json"
                 paths = [
                     f"/v1/buddies/bench_buddy_{rng.randrange(size):07d}"
@@ -170,6 +217,8 @@ async def scale(ctx: Ctx) -> Section:
                         "fill_s": round(fill_s, 1),
                         "apply_per_s": round(p.scale_backlog / seconds, 1),
                         "rss_mb": rss.peak,
+                        "index_mb": round(float(index_mb)),
+                        **written,
                         "read_rps": r["rps"],
                         "read_p50": lat.get("p50", 0.0),
                         "read_p99": lat.get("p99", 0.0),
@@ -202,6 +251,18 @@ async def scale(ctx: Ctx) -> Section:
         )
         for x in points
     ]
+    write_rows = [
+        (
+            x["buddies"],
+            x["stored"],
+            x["index_mb"],
+            x["wal_kb"],
+            x["fpi"],
+            x["idx_read"],
+            x["idx_miss_pct"],
+        )
+        for x in points
+    ]
     sec.blocks.append(
         f"Rows filled with SQL from {min(TEMPLATE_BUDDIES, p.scale_sizes[0]):,} buddies' real "
         f"rows ({p.per_buddy} stored deliveries per buddy, ledger rows for coins and tokens). At "
@@ -231,6 +292,26 @@ async def scale(ctx: Ctx) -> Section:
                 "worker RSS MB",
             ],
             rows,
+        )
+    )
+    sec.blocks.append(
+        "What Postgres did for each delivery of the drain (cluster-wide counters, read "
+        f"{STATS_SETTLE_S:g} s after the COPY and after the drain, divided by the backlog): WAL "
+        "written, full-page images among it, and blocks of the inbox's indexes that were not in "
+        "shared_buffers."
+    )
+    sec.blocks.append(
+        table(
+            [
+                "buddies",
+                "stored deliveries",
+                "inbox indexes MB",
+                "WAL KB / delivery",
+                "full-page images / delivery",
+                "index blocks read / delivery",
+                "index miss %",
+            ],
+            write_rows,
         )
     )
     plotted = plot(points, ctx.plot)
