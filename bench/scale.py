@@ -85,7 +85,10 @@ SELECT (SELECT wal_bytes FROM pg_stat_wal)::float8 AS wal_bytes,
        (SELECT sum(idx_blks_read) FROM pg_statio_user_indexes
         WHERE relname = 'deliveries')::float8 AS idx_read,
        (SELECT sum(idx_blks_hit) FROM pg_statio_user_indexes
-        WHERE relname = 'deliveries')::float8 AS idx_hit
+        WHERE relname = 'deliveries')::float8 AS idx_hit,
+       (SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'buddies')::float8 AS upd,
+       (SELECT n_tup_hot_upd FROM pg_stat_user_tables
+        WHERE relname = 'buddies')::float8 AS hot_upd
 """
 # Backends publish their statistics within a second of going idle.
 STATS_SETTLE_S = 1.5
@@ -117,6 +120,7 @@ class WriteCost:
             "fpi": round(d["wal_fpi"], 2),
             "idx_read": round(d["idx_read"], 2),
             "idx_miss_pct": round(100 * d["idx_read"] / total_idx, 1) if total_idx else 0.0,
+            "hot_pct": round(100 * d["hot_upd"] / d["upd"], 1) if d["upd"] else 0.0,
         }
 
 
@@ -260,6 +264,7 @@ async def scale(ctx: Ctx) -> Section:
             x["fpi"],
             x["idx_read"],
             x["idx_miss_pct"],
+            x["hot_pct"],
         )
         for x in points
     ]
@@ -297,8 +302,8 @@ async def scale(ctx: Ctx) -> Section:
     sec.blocks.append(
         "What Postgres did for each delivery of the drain (cluster-wide counters, read "
         f"{STATS_SETTLE_S:g} s after the COPY and after the drain, divided by the backlog): WAL "
-        "written, full-page images among it, and blocks of the inbox's indexes that were not in "
-        "shared_buffers."
+        "written, full-page images among it, blocks of the inbox's indexes that were not in "
+        "shared_buffers, and the share of buddy row updates that were HOT (no index entries)."
     )
     sec.blocks.append(
         table(
@@ -310,6 +315,7 @@ async def scale(ctx: Ctx) -> Section:
                 "full-page images / delivery",
                 "index blocks read / delivery",
                 "index miss %",
+                "buddy updates HOT %",
             ],
             write_rows,
         )
