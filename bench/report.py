@@ -24,7 +24,7 @@ the machine it ran on, the exact command and its tables; tables are never edited
 
     .venv/bin/python -m bench.run                      # all scenarios but `scale` (~7 min)
     .venv/bin/python -m bench.run --only receiver read # some of them
-    .venv/bin/python -m bench.run --only scale         # long (~30 min): 1M buddies, 20M rows
+    .venv/bin/python -m bench.run --only scale         # long (~15 min): 1M buddies, 20M rows
     .venv/bin/python -m bench.run --quick              # CI smoke: tiny sizes, < 90 s, no file
 
 How it measures:
