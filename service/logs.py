@@ -54,7 +54,7 @@ def configure(fmt: str = "json", level: int = logging.INFO) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-_SAFE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
+_SAFE_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 
 
 class RequestIdMiddleware:
@@ -78,7 +78,7 @@ class RequestIdMiddleware:
             if name == b"x-request-id":
                 raw = value
                 break
-        if not _SAFE_ID.match(raw):
+        if not _SAFE_ID.fullmatch(raw):
             raw = os.urandom(16).hex().encode()
         request_id = raw.decode()
 
