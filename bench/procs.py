@@ -142,9 +142,10 @@ async def migrate(dsn: str, logs: Path) -> None:
         raise BenchError(f"migrate failed, see {proc.log_path}")
 
 
-async def start_service(env: dict[str, str], logs: Path, name: str = "serve") -> tuple[Proc, int]:
-    port = free_port()
-    argv = [str(BIN / "hatched-mirror"), "serve", "--host", "127.0.0.1", "--port", str(port)]
+async def _start_http(
+    name: str, argv: list[str], env: dict[str, str], logs: Path, port: int
+) -> tuple[Proc, int]:
+    """Start a process that serves HTTP on `port`; stopped again if it never answers."""
     proc = Proc(name, argv, env, logs)
     try:
         await wait_http(proc, port)
@@ -152,6 +153,12 @@ async def start_service(env: dict[str, str], logs: Path, name: str = "serve") ->
         await proc.stop()
         raise
     return proc, port
+
+
+async def start_service(env: dict[str, str], logs: Path, name: str = "serve") -> tuple[Proc, int]:
+    port = free_port()
+    argv = [str(BIN / "hatched-mirror"), "serve", "--host", "127.0.0.1", "--port", str(port)]
+    return await _start_http(name, argv, env, logs, port)
 
 
 async def start_worker(env: dict[str, str], logs: Path, name: str = "worker") -> Proc:
@@ -185,13 +192,7 @@ async def start_baseline(kind: str, logs: Path, *args: str) -> tuple[Proc, int]:
     port = free_port()
     argv = [sys.executable, "-m", "bench.baselines", "http", kind, "--port", str(port), *args]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = Proc(f"baseline_{kind}", argv, env, logs)
-    try:
-        await wait_http(proc, port)
-    except BaseException:
-        await proc.stop()
-        raise
-    return proc, port
+    return await _start_http(f"baseline_{kind}", argv, env, logs, port)
 
 
 async def run_python(

@@ -123,6 +123,17 @@ def _matches(if_none_match: str | None, tag: str) -> bool:
     return "*" in candidates or tag in candidates
 
 
+def too_many_streams() -> Problem:
+    """A process at its MIRROR_STREAM_MAX_CLIENTS, for buddy and user streams alike."""
+    return Problem(
+        503,
+        "too_many_streams",
+        "Too many live streams",
+        "this process serves its maximum of live streams; retry later",
+        {"Retry-After": "5"},
+    )
+
+
 def _not_found(buddy_id: str) -> Problem:
     return Problem(404, "buddy_not_found", "Buddy not found", f"no buddy {buddy_id!r} mirrored")
 
@@ -356,13 +367,7 @@ async def stream_buddy(request: Request) -> Response:
     buddy_id = request.path_params["buddy_id"]
     broadcaster = state.broadcaster
     if broadcaster.clients >= state.settings.stream_max_clients:
-        raise Problem(
-            503,
-            "too_many_streams",
-            "Too many live streams",
-            "this process serves its maximum of live streams; retry later",
-            {"Retry-After": "5"},
-        )
+        raise too_many_streams()
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         async with broadcaster.subscribe(buddy_id) as changed:

@@ -36,7 +36,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from service import hatching, metrics, store
-from service.api import etag
+from service.api import etag, too_many_streams
 from service.auth import require_token
 from service.config import Settings
 from service.hatched_api import HatchedAPI, HatchedAPIError, RemoteBuddy
@@ -444,13 +444,7 @@ async def stream_user_buddy(request: Request) -> Response:
     key = audience or ""
     limit = state.settings.stream_max_clients
     if boot.users.clients >= limit or state.broadcaster.clients >= limit:
-        raise Problem(
-            503,
-            "too_many_streams",
-            "Too many live streams",
-            "this process serves its maximum of live streams; retry later",
-            {"Retry-After": "5"},
-        )
+        raise too_many_streams()
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         buddy_id = None
