@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import astuple, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from service.events import parse_delivery
 from service.queue import Waker, shard_of
 from service.signatures import verify
 
-COLUMNS = [f.name for f in fields(store.NewDelivery)]
+COPY_BATCH = 5_000
 _KEPT_PREFIXES = ("x-hatched-", "hatched-")
 
 
@@ -49,10 +48,10 @@ def as_stored(d: Delivery, shards: int) -> store.NewDelivery:
 
 
 async def copy_in(conn: store.Conn, rows: Sequence[store.NewDelivery]) -> None:
-    """One COPY: the rows become visible to the worker together, when the caller commits."""
-    await conn.copy_records_to_table(
-        "deliveries", records=[astuple(r) for r in rows], columns=COLUMNS
-    )
+    """Stored with the receiver's own statement, in large batches; the rows become visible to
+    the worker together, when the caller commits."""
+    for i in range(0, len(rows), COPY_BATCH):
+        await store.insert_deliveries(conn, rows[i : i + COPY_BATCH])
 
 
 async def wake_all(redis_url: str, shards: int) -> None:
@@ -67,7 +66,7 @@ async def wake_all(redis_url: str, shards: int) -> None:
 
 async def pending(conn: store.Executor) -> bool:
     found: bool = await conn.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM deliveries WHERE status = 'accepted')"
+        "SELECT EXISTS (SELECT 1 FROM delivery_states WHERE status = 'accepted')"
     )
     return found
 
@@ -125,5 +124,5 @@ def drained_jobs(log: Path, offset: int) -> dict[str, Any]:
 
 
 async def outcome_counts(conn: store.Executor) -> dict[str, int]:
-    rows = await conn.fetch("SELECT status, count(*) AS n FROM deliveries GROUP BY status")
+    rows = await conn.fetch("SELECT status, count(*) AS n FROM delivery_states GROUP BY status")
     return {r["status"]: r["n"] for r in rows}

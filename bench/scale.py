@@ -36,7 +36,7 @@ DROP TABLE IF EXISTS bench_tpl_buddies, bench_tpl_deliveries;
 CREATE TABLE bench_tpl_buddies AS
     SELECT (row_number() OVER (ORDER BY buddy_id) - 1)::bigint AS k, * FROM buddies;
 CREATE TABLE bench_tpl_deliveries AS
-    SELECT (row_number() OVER (ORDER BY seq) - 1)::bigint AS k, * FROM deliveries
+    SELECT (row_number() OVER (ORDER BY seq) - 1)::bigint AS k, * FROM inbox
     WHERE status = 'applied';
 CREATE UNIQUE INDEX ON bench_tpl_buddies (k);
 CREATE UNIQUE INDEX ON bench_tpl_deliveries (k);
@@ -52,18 +52,22 @@ JOIN bench_tpl_buddies AS t ON t.k = g % $3
 """
 # The shard column keeps the template's value: only `accepted` rows are read by shard.
 FILL_DELIVERIES = """
-INSERT INTO deliveries (delivery_id, received_at, format, event_type, event_id, buddy_id, shard,
-                        occurred_at, signed_at, headers, body, status, attempts, applied_at)
-SELECT 'hist_' || g, t.received_at - interval '1 day', t.format, t.event_type,
-       CASE WHEN t.event_id IS NULL THEN NULL ELSE 'evt_hist_' || g END,
-       b.id, t.shard, t.occurred_at - interval '1 day', t.signed_at - interval '1 day',
-       t.headers,
-       convert_to(replace(replace(convert_from(t.body, 'UTF8'), t.buddy_id, b.id),
-                          t.delivery_id, 'hist_' || g), 'UTF8'),
-       'applied', 1, t.applied_at - interval '1 day'
-FROM generate_series($1::bigint, $2::bigint - 1) AS g
-CROSS JOIN LATERAL (SELECT 'bench_buddy_' || lpad((g % $3)::text, 7, '0') AS id) AS b
-JOIN bench_tpl_deliveries AS t ON t.k = g % $4
+WITH stored AS (
+    INSERT INTO deliveries (delivery_id, received_at, format, event_type, event_id, buddy_id,
+                            shard, occurred_at, signed_at, headers, body)
+    SELECT 'hist_' || g, t.received_at - interval '1 day', t.format, t.event_type,
+           CASE WHEN t.event_id IS NULL THEN NULL ELSE 'evt_hist_' || g END,
+           b.id, t.shard, t.occurred_at - interval '1 day', t.signed_at - interval '1 day',
+           t.headers,
+           convert_to(replace(replace(convert_from(t.body, 'UTF8'), t.buddy_id, b.id),
+                              t.delivery_id, 'hist_' || g), 'UTF8')
+    FROM generate_series($1::bigint, $2::bigint - 1) AS g
+    CROSS JOIN LATERAL (SELECT 'bench_buddy_' || lpad((g % $3)::text, 7, '0') AS id) AS b
+    JOIN bench_tpl_deliveries AS t ON t.k = g % $4
+    RETURNING seq, shard, event_id, received_at
+)
+INSERT INTO delivery_states (seq, shard, event_id, status, attempts, applied_at)
+SELECT seq, shard, event_id, 'applied', 1, received_at + interval '1 second' FROM stored
 """
 FILL_LEDGER = """
 INSERT INTO ledger (delivery_id, seq, buddy_id, currency, amount, balance_after, reason,
@@ -83,9 +87,9 @@ WRITE_COUNTERS = """
 SELECT (SELECT wal_bytes FROM pg_stat_wal)::float8 AS wal_bytes,
        (SELECT wal_fpi FROM pg_stat_wal)::float8 AS wal_fpi,
        (SELECT sum(idx_blks_read) FROM pg_statio_user_indexes
-        WHERE relname = 'deliveries')::float8 AS idx_read,
+        WHERE relname IN ('deliveries', 'delivery_states'))::float8 AS idx_read,
        (SELECT sum(idx_blks_hit) FROM pg_statio_user_indexes
-        WHERE relname = 'deliveries')::float8 AS idx_hit,
+        WHERE relname IN ('deliveries', 'delivery_states'))::float8 AS idx_hit,
        (SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'buddies')::float8 AS upd,
        (SELECT n_tup_hot_upd FROM pg_stat_user_tables
         WHERE relname = 'buddies')::float8 AS hot_upd
@@ -150,7 +154,7 @@ class Filler:
             await pool.execute(FILL_LEDGER, last_seq)
             self._next_hist += n
             need -= n
-        await pool.execute("VACUUM ANALYZE buddies, deliveries, ledger")
+        await pool.execute("VACUUM ANALYZE buddies, deliveries, delivery_states, ledger")
         return time.perf_counter() - started
 
 
@@ -197,7 +201,10 @@ async def scale(ctx: Ctx) -> Section:
                         before_drain=cost.start,
                     )
                 written = await cost.per_delivery(p.scale_backlog)
-                index_mb = await pool.fetchval("SELECT pg_indexes_size('deliveries') / 1048576.0")
+                index_mb = await pool.fetchval(
+                    "SELECT (pg_indexes_size('deliveries') + pg_indexes_size('delivery_states'))"
+                    " / 1048576.0"
+                )
                 targets = ctx.logs / f"scale_targets_{size}.json"
                 paths = [
                     f"/v1/buddies/bench_buddy_{rng.randrange(size):07d}"

@@ -116,7 +116,7 @@ async def ack_latency(ctx: Ctx) -> Section:
             pool = await store.create_pool(dsn, size=1, timeout_s=10)
             try:
                 backlog_at_end = await pool.fetchval(
-                    "SELECT count(*) FROM deliveries WHERE status = 'accepted'"
+                    "SELECT count(*) FROM delivery_states WHERE status = 'accepted'"
                 )
             finally:
                 await pool.close()

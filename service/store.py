@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 from typing import TypeAlias
@@ -130,15 +130,6 @@ async def migrate(conn: Conn, sql_dir: Path = SQL_DIR) -> list[str]:
 
 # --- the inbox -----------------------------------------------------------------------------
 
-INSERT_DELIVERY = """
-INSERT INTO deliveries (delivery_id, format, event_type, event_id, buddy_id, shard,
-                        occurred_at, signed_at, headers, body, status, reason, applied_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
-        CASE WHEN $11 = 'accepted' THEN NULL ELSE now() END)
-ON CONFLICT (delivery_id) DO NOTHING
-RETURNING seq
-"""
-
 
 @dataclass(frozen=True, slots=True)
 class NewDelivery:
@@ -158,20 +149,30 @@ class NewDelivery:
 
 async def insert_delivery(conn: Executor, d: NewDelivery) -> int | None:
     """The seq of the stored row, or None when the delivery id was already stored."""
-    seq: int | None = await conn.fetchval(INSERT_DELIVERY, *astuple(d))
-    return seq
+    return (await insert_deliveries(conn, [d]))[0]
 
 
+# The raw delivery and its state row in one statement: both or neither. Only rows that were
+# new (not an ON CONFLICT skip) get a state row, joined back by their delivery id, which the
+# caller made unique within the batch.
 INSERT_DELIVERIES = """
-INSERT INTO deliveries (delivery_id, format, event_type, event_id, buddy_id, shard,
-                        occurred_at, signed_at, headers, body, status, reason, applied_at)
-SELECT d, f, t, e, b, s, o, sa, h::jsonb, body, st, r,
-       CASE WHEN st = 'accepted' THEN NULL ELSE now() END
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
-            $7::timestamptz[], $8::timestamptz[], $9::text[], $10::bytea[], $11::text[],
-            $12::text[]) AS x(d, f, t, e, b, s, o, sa, h, body, st, r)
-ON CONFLICT (delivery_id) DO NOTHING
-RETURNING delivery_id, seq
+WITH x AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
+                         $7::timestamptz[], $8::timestamptz[], $9::text[], $10::bytea[],
+                         $11::text[], $12::text[]) AS x(d, f, t, e, b, s, o, sa, h, body, st, r)
+), stored AS (
+    INSERT INTO deliveries (delivery_id, format, event_type, event_id, buddy_id, shard,
+                            occurred_at, signed_at, headers, body)
+    SELECT d, f, t, e, b, s, o, sa, h::jsonb, body FROM x
+    ON CONFLICT (delivery_id) DO NOTHING
+    RETURNING delivery_id, seq, shard, event_id
+), states AS (
+    INSERT INTO delivery_states (seq, shard, event_id, status, reason, applied_at)
+    SELECT stored.seq, stored.shard, stored.event_id, x.st, x.r,
+           CASE WHEN x.st = 'accepted' THEN NULL ELSE now() END
+    FROM stored JOIN x ON x.d = stored.delivery_id
+)
+SELECT delivery_id, seq FROM stored
 """
 
 
@@ -208,13 +209,13 @@ async def insert_deliveries(conn: Executor, batch: Sequence[NewDelivery]) -> lis
 
 
 CLAIM_BATCH = """
-SELECT seq, delivery_id, format, headers, body, signed_at, attempts
-FROM deliveries
-WHERE shard = $1 AND status = 'accepted'
-  AND (next_attempt_at IS NULL OR next_attempt_at <= now())
-ORDER BY seq
+SELECT s.seq, d.delivery_id, d.format, d.headers, d.body, d.signed_at, s.attempts
+FROM delivery_states AS s JOIN deliveries AS d ON d.seq = s.seq
+WHERE s.shard = $1 AND s.status = 'accepted'
+  AND (s.next_attempt_at IS NULL OR s.next_attempt_at <= now())
+ORDER BY s.seq
 LIMIT $2
-FOR UPDATE SKIP LOCKED
+FOR UPDATE OF s SKIP LOCKED
 """
 
 
@@ -223,11 +224,11 @@ async def claim_batch(conn: Conn, shard: int, limit: int) -> list[asyncpg.Record
 
 
 CLAIM_SEQS = """
-SELECT seq, delivery_id, format, headers, body, signed_at, attempts
-FROM deliveries
-WHERE seq = ANY($1::bigint[]) AND status = 'accepted'
-ORDER BY seq
-FOR UPDATE SKIP LOCKED
+SELECT s.seq, d.delivery_id, d.format, d.headers, d.body, d.signed_at, s.attempts
+FROM delivery_states AS s JOIN deliveries AS d ON d.seq = s.seq
+WHERE s.seq = ANY($1::bigint[]) AND s.status = 'accepted'
+ORDER BY s.seq
+FOR UPDATE OF s SKIP LOCKED
 """
 
 
@@ -235,10 +236,11 @@ async def claim_seqs(conn: Conn, seqs: Sequence[int]) -> list[asyncpg.Record]:
     return list(await conn.fetch(CLAIM_SEQS, list(seqs)))
 
 
-# Probes of the unique index deliveries_applied_event_idx (sql/0006), written exactly as its
-# expression and predicate so the planner takes it: at most one row per id, statistics or not.
+# Probes of the unique index delivery_states_applied_event_idx (sql/0006, 0008), written
+# exactly as its expression and predicate so the planner takes it: at most one row per id,
+# statistics or not.
 SEEN_EVENT_IDS = """
-SELECT event_id FROM deliveries
+SELECT event_id FROM delivery_states
 WHERE event_id IS NOT NULL
   AND (CASE WHEN status = 'applied' THEN event_id END) = ANY($1::text[])
 """
@@ -251,7 +253,7 @@ async def seen_event_ids(conn: Conn, event_ids: Sequence[str]) -> set[str]:
 
 
 FINISH_DELIVERIES = """
-UPDATE deliveries AS d
+UPDATE delivery_states AS d
 SET status = u.status, reason = u.reason, attempts = d.attempts + 1,
     applied_at = now(), next_attempt_at = NULL
 FROM unnest($1::bigint[], $2::text[], $3::text[]) AS u(seq, status, reason)
@@ -270,7 +272,7 @@ async def finish_deliveries(conn: Conn, outcomes: Iterable[tuple[int, str, str |
 
 
 RETRY_DELIVERIES = """
-UPDATE deliveries
+UPDATE delivery_states
 SET attempts = attempts + 1, reason = $2,
     status = CASE WHEN attempts + 1 >= $3 THEN 'dead' ELSE 'accepted' END,
     applied_at = CASE WHEN attempts + 1 >= $3 THEN now() END,
@@ -287,11 +289,16 @@ async def retry_deliveries(
     await conn.execute(RETRY_DELIVERIES, list(seqs), reason, max_attempts, backoff_s)
 
 
+# Each shard's oldest due delivery (seq is receipt order) decides whether the shard is late.
 STALLED_SHARDS = """
-SELECT DISTINCT shard FROM deliveries
-WHERE status = 'accepted'
-  AND received_at < now() - make_interval(secs => $1)
-  AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+SELECT oldest.shard
+FROM (
+    SELECT DISTINCT ON (shard) shard, seq FROM delivery_states
+    WHERE status = 'accepted' AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+    ORDER BY shard, seq
+) AS oldest
+JOIN deliveries AS d ON d.seq = oldest.seq
+WHERE d.received_at < now() - make_interval(secs => $1)
 """
 
 
@@ -299,13 +306,18 @@ async def stalled_shards(conn: Executor, older_than_s: float) -> list[int]:
     return [r["shard"] for r in await conn.fetch(STALLED_SHARDS, older_than_s)]
 
 
+# The oldest pending delivery is the one with the lowest seq (receipt order).
 INBOX_STATS = """
-SELECT count(*) FILTER (WHERE status = 'accepted') AS pending,
-       coalesce(extract(epoch FROM now() - min(received_at) FILTER (WHERE status = 'accepted')),
-                0)::float8 AS lag_s,
-       count(*) FILTER (WHERE status = 'dead') AS dead
-FROM deliveries
-WHERE status IN ('accepted', 'dead')
+SELECT s.pending, s.dead,
+       coalesce(extract(epoch FROM now() - (SELECT received_at FROM deliveries
+                                            WHERE seq = s.oldest)), 0)::float8 AS lag_s
+FROM (
+    SELECT count(*) FILTER (WHERE status = 'accepted') AS pending,
+           min(seq) FILTER (WHERE status = 'accepted') AS oldest,
+           count(*) FILTER (WHERE status = 'dead') AS dead
+    FROM delivery_states
+    WHERE status IN ('accepted', 'dead')
+) AS s
 """
 
 
@@ -317,14 +329,18 @@ async def inbox_stats(conn: Executor) -> tuple[int, float, int]:
 
 
 PRUNE_APPLIED = """
-DELETE FROM deliveries
-WHERE seq IN (
-    SELECT seq FROM deliveries
-    WHERE status = 'applied' AND applied_at < now() - make_interval(secs => $1)
-    ORDER BY applied_at
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
+WITH gone AS (
+    DELETE FROM delivery_states
+    WHERE seq IN (
+        SELECT seq FROM delivery_states
+        WHERE status = 'applied' AND applied_at < now() - make_interval(secs => $1)
+        ORDER BY applied_at
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING seq
 )
+DELETE FROM deliveries WHERE seq IN (SELECT seq FROM gone)
 """
 
 
@@ -484,10 +500,11 @@ async def list_ledger(
 
 
 LIST_EVENTS = """
-SELECT seq, delivery_id, event_id, event_type, format, occurred_at, received_at, applied_at
-FROM deliveries
-WHERE buddy_id = $1 AND status = 'applied' AND ($2::bigint IS NULL OR seq < $2)
-ORDER BY seq DESC
+SELECT d.seq, d.delivery_id, d.event_id, d.event_type, d.format, d.occurred_at, d.received_at,
+       s.applied_at
+FROM deliveries AS d JOIN delivery_states AS s ON s.seq = d.seq
+WHERE d.buddy_id = $1 AND s.status = 'applied' AND ($2::bigint IS NULL OR d.seq < $2)
+ORDER BY d.seq DESC
 LIMIT $3
 """
 
@@ -499,13 +516,13 @@ async def list_events(
 
 
 LIST_DELIVERIES = """
-SELECT seq, delivery_id, status, reason, attempts, event_type, buddy_id, format, occurred_at,
-       received_at, applied_at
-FROM deliveries
-WHERE ($1::text IS NULL OR status = $1)
-  AND ($2::text IS NULL OR buddy_id = $2)
-  AND ($3::bigint IS NULL OR seq < $3)
-ORDER BY seq DESC
+SELECT d.seq, d.delivery_id, s.status, s.reason, s.attempts, d.event_type, d.buddy_id, d.format,
+       d.occurred_at, d.received_at, s.applied_at
+FROM deliveries AS d JOIN delivery_states AS s ON s.seq = d.seq
+WHERE ($1::text IS NULL OR s.status = $1)
+  AND ($2::text IS NULL OR d.buddy_id = $2)
+  AND ($3::bigint IS NULL OR d.seq < $3)
+ORDER BY d.seq DESC
 LIMIT $4
 """
 
@@ -517,13 +534,15 @@ async def list_deliveries(
 
 
 REQUEUE = """
-UPDATE deliveries
+UPDATE delivery_states AS s
 SET status = 'accepted', attempts = 0, next_attempt_at = NULL, applied_at = NULL, reason = NULL
-WHERE ($1::text[] IS NULL OR delivery_id = ANY($1))
-  AND ($2::text[] IS NULL OR status = ANY($2))
-  AND ($3::timestamptz IS NULL OR received_at >= $3)
-  AND ($4::text[] IS NULL OR buddy_id = ANY($4))
-RETURNING delivery_id, shard
+FROM deliveries AS d
+WHERE d.seq = s.seq
+  AND ($1::text[] IS NULL OR d.delivery_id = ANY($1))
+  AND ($2::text[] IS NULL OR s.status = ANY($2))
+  AND ($3::timestamptz IS NULL OR d.received_at >= $3)
+  AND ($4::text[] IS NULL OR d.buddy_id = ANY($4))
+RETURNING d.delivery_id, s.shard
 """
 
 
@@ -551,10 +570,10 @@ async def requeue(
 
 
 APPLIED_FOR_BUDDY = """
-SELECT seq, delivery_id, format, headers, body, signed_at
-FROM deliveries
-WHERE buddy_id = $1 AND status = 'applied'
-ORDER BY seq
+SELECT d.seq, d.delivery_id, d.format, d.headers, d.body, d.signed_at
+FROM deliveries AS d JOIN delivery_states AS s ON s.seq = d.seq
+WHERE d.buddy_id = $1 AND s.status = 'applied'
+ORDER BY d.seq
 """
 
 

@@ -64,7 +64,8 @@ async def pool(migrated: str) -> AsyncIterator[store.Pool]:
 async def db(pool: store.Pool) -> store.Pool:
     """A clean mirror for each test."""
     await pool.execute(
-        "TRUNCATE deliveries, buddies, ledger, backfill_checkpoints, bootstraps RESTART IDENTITY"
+        "TRUNCATE deliveries, delivery_states, buddies, ledger, backfill_checkpoints, bootstraps"
+        " RESTART IDENTITY"
     )
     return pool
 
@@ -150,6 +151,8 @@ async def wait_settled(pool: store.Pool, within: float = 30.0) -> None:
     """Until no stored delivery waits to be applied."""
 
     async def settled() -> bool:
-        return not await pool.fetchval("SELECT count(*) FROM deliveries WHERE status = 'accepted'")
+        return not await pool.fetchval(
+            "SELECT count(*) FROM delivery_states WHERE status = 'accepted'"
+        )
 
     await wait_until(settled, within)

@@ -251,7 +251,7 @@ async def test_admin_lists_deliveries_and_replays_one(
         assert replay.status_code == 202
         assert replay.json() == {"status": "queued", "delivery_id": target}
         await wait_settled(db)
-    row = await db.fetchrow("SELECT status, attempts FROM deliveries WHERE delivery_id=$1", target)
+    row = await db.fetchrow("SELECT status, attempts FROM inbox WHERE delivery_id=$1", target)
     assert row is not None and (row["status"], row["attempts"]) == ("applied", 1)
     assert await db.fetchval("SELECT count(*) FROM ledger WHERE buddy_id = 'buddy_2'") == 6
     problem(await http.post("/v1/deliveries/nope/replay", headers=ADMIN), 404, "delivery_not_found")

@@ -8,7 +8,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -59,15 +60,24 @@ def test_refuses_to_start_half_configured(
     assert named in result.stderr
 
 
-async def test_migrate_is_idempotent_and_safe_in_parallel(
-    database_url: str, tmp_path: Path
-) -> None:
+@asynccontextmanager
+async def scratch_database(database_url: str) -> AsyncIterator[str]:
+    """An empty database of its own, dropped afterwards; yields its DSN."""
     admin = await store.create_pool(database_url, size=1, timeout_s=10)
     name = f"hm_migrate_{os.getpid()}"
     await admin.execute(f"DROP DATABASE IF EXISTS {name}")
     await admin.execute(f"CREATE DATABASE {name}")
-    dsn = database_url.rsplit("/", 1)[0] + f"/{name}"
     try:
+        yield database_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+
+
+async def test_migrate_is_idempotent_and_safe_in_parallel(
+    database_url: str, tmp_path: Path
+) -> None:
+    async with scratch_database(database_url) as dsn:
         procs = [
             await asyncio.create_subprocess_exec(
                 *CLI,
@@ -97,9 +107,59 @@ async def test_migrate_is_idempotent_and_safe_in_parallel(
             assert await check.fetchval("SELECT count(*) FROM schema_migrations") >= 1
         finally:
             await check.close()
-    finally:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.close()
+
+
+async def test_an_existing_inbox_keeps_every_outcome_across_the_state_table_migration(
+    database_url: str, tmp_path: Path
+) -> None:
+    """sql/0008 moves outcomes out of `deliveries`: an install upgraded with deliveries in
+    every state still knows what is pending, applied, retried and dead, and acts on it."""
+    before = tmp_path / "before"
+    before.mkdir()
+    for path in sorted(store.SQL_DIR.glob("000[1-7]_*.sql")):
+        (before / path.name).write_text(path.read_text())
+    async with scratch_database(database_url) as dsn:
+        pool = await store.create_pool(dsn, size=1, timeout_s=10)
+        try:
+            async with pool.acquire() as conn:
+                await store.migrate(conn, before)
+                await conn.execute(
+                    """
+                    INSERT INTO deliveries (delivery_id, format, event_type, event_id, buddy_id,
+                                            shard, signed_at, headers, body, status, reason,
+                                            attempts, next_attempt_at, applied_at)
+                    VALUES ('d1', 'v1', 'coins.earned', 'evt_1', 'b1', 3, now(), '{}', '\\x00',
+                            'applied', NULL, 1, NULL, now()),
+                           ('d2', 'v2', 'coins.earned', NULL, 'b1', 3, now(), '{}', '\\x00',
+                            'dead', 'apply_error: boom', 5, NULL, now()),
+                           ('d3', 'v2', 'skill.updated', NULL, 'b2', 3, now(), '{}', '\\x00',
+                            'accepted', 'apply_error: later', 2, now() + interval '1 hour',
+                            NULL),
+                           ('d4', 'v2', 'badge.awarded', NULL, 'b2', 3, now(), '{}', '\\x00',
+                            'accepted', NULL, 0, NULL, NULL)
+                    """
+                )
+                was = [dict(r) for r in await conn.fetch("SELECT * FROM deliveries ORDER BY seq")]
+                assert await store.migrate(conn) == ["0008_delivery_states"]
+                now = [dict(r) for r in await conn.fetch("SELECT * FROM inbox ORDER BY seq")]
+                assert now == was
+                # The worker's own queries see the same: the one due delivery, the applied
+                # event, the dead count.
+                async with conn.transaction():
+                    claimed = await store.claim_batch(conn, 3, 10)
+                assert [r["delivery_id"] for r in claimed] == ["d4"]
+                assert await store.seen_event_ids(conn, ["evt_1", "evt_2"]) == {"evt_1"}
+                pending, _, dead = await store.inbox_stats(conn)
+                assert (pending, dead) == (2, 1)
+                assert "status" not in {
+                    r["column_name"]
+                    for r in await conn.fetch(
+                        "SELECT column_name FROM information_schema.columns"
+                        " WHERE table_name = 'deliveries'"
+                    )
+                }
+        finally:
+            await pool.close()
 
 
 async def test_changed_migration_is_refused(

@@ -44,7 +44,7 @@ async def _assert_exact(db: store.Pool, deliveries: list[tuple[dict[str, str], b
     assert actual.keys() == expected.keys()
     for buddy_id, buddy in expected.items():
         assert mirrored(actual[buddy_id]) == mirrored(buddy), buddy_id
-    rows = await db.fetch("SELECT status, count(*) AS n FROM deliveries GROUP BY status")
+    rows = await db.fetch("SELECT status, count(*) AS n FROM delivery_states GROUP BY status")
     statuses = {r["status"]: r["n"] for r in rows}
     assert statuses == {"applied": len(deliveries)}, statuses
     # One ledger row per coin/token delivery: none missing, none doubled.
@@ -200,7 +200,7 @@ async def test_poison_delivery_ends_dead_while_later_ones_apply(
                     await http.post("/webhooks/hatched", content=body, headers=headers)
                 ).status_code == 202
         await wait_settled(db, within=30)
-    rows = await db.fetch("SELECT status, reason, attempts FROM deliveries ORDER BY seq")
+    rows = await db.fetch("SELECT status, reason, attempts FROM delivery_states ORDER BY seq")
     assert [r["status"] for r in rows] == ["applied", "dead", "applied", "applied"]
     assert rows[1]["attempts"] == 3 and "apply_error" in rows[1]["reason"]
     found = await store.get_buddy(db, buddy)

@@ -42,7 +42,7 @@ def resign(
 
 
 async def stored(pool: store.Pool, delivery_id: str) -> dict[str, Any] | None:
-    row = await pool.fetchrow("SELECT * FROM deliveries WHERE delivery_id = $1", delivery_id)
+    row = await pool.fetchrow("SELECT * FROM inbox WHERE delivery_id = $1", delivery_id)
     return dict(row) if row is not None else None
 
 

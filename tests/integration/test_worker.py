@@ -40,11 +40,11 @@ async def test_delivery_is_stored_without_worker_and_applied_when_one_starts(
     headers, body = build_delivery("buddy.hatched", "v2", secret=SECRET, buddy_id="buddy_late")
     assert await post_all(server, [(headers, body)]) == [202]
     await asyncio.sleep(0.3)
-    assert await db.fetchval("SELECT status FROM deliveries") == "accepted"
+    assert await db.fetchval("SELECT status FROM delivery_states") == "accepted"
     assert await db.fetchval("SELECT count(*) FROM buddies") == 0
     async with running_worker(settings):
         await wait_settled(db)
-    assert await db.fetchval("SELECT status FROM deliveries") == "applied"
+    assert await db.fetchval("SELECT status FROM delivery_states") == "applied"
     found = await store.get_buddy(db, "buddy_late")
     assert found is not None and found[0].name == "Pip"
 
@@ -85,7 +85,7 @@ async def test_shuffled_burst_ends_in_the_in_order_state(
         assert mirrored(actual[buddy_id]) == mirrored(buddy), buddy_id
     currency_events = sum(1 for s in stream if s["type"].split(".")[0] in ("coins", "token"))
     assert await db.fetchval("SELECT count(*) FROM ledger") == currency_events
-    assert await db.fetchval("SELECT count(*) FROM deliveries WHERE status <> 'applied'") == 0
+    assert await db.fetchval("SELECT count(*) FROM delivery_states WHERE status <> 'applied'") == 0
 
 
 async def test_same_v1_event_under_two_delivery_ids_counts_once(
@@ -101,7 +101,9 @@ async def test_same_v1_event_under_two_delivery_ids_counts_once(
         await wait_settled(db)
         assert await post_all(server, [(second_headers, body)]) == [202]
         await wait_settled(db)
-    statuses = [r["status"] for r in await db.fetch("SELECT status FROM deliveries ORDER BY seq")]
+    statuses = [
+        r["status"] for r in await db.fetch("SELECT status FROM delivery_states ORDER BY seq")
+    ]
     assert statuses == ["applied", "duplicate"]
     assert await db.fetchval("SELECT count(*) FROM ledger") == 1
 
@@ -152,11 +154,8 @@ async def test_duplicate_lookup_probes_the_unique_index(db: store.Pool) -> None:
     looked up by index, never by scanning the inbox."""
     await db.execute(
         """
-        INSERT INTO deliveries (delivery_id, format, event_type, event_id, buddy_id, shard,
-                                occurred_at, signed_at, headers, body, status, applied_at)
-        SELECT 'd' || i, 'v1', 'coins.earned', 'evt_' || i, 'b' || i % 1000, i % 32,
-               now(), now(), '{}', '\\x00', 'applied', now()
-        FROM generate_series(1, 100000) AS i
+        INSERT INTO delivery_states (seq, shard, event_id, status, applied_at)
+        SELECT i, i % 32, 'evt_' || i, 'applied', now() FROM generate_series(1, 100000) AS i
         """
     )
     ids = [f"evt_{i}" for i in range(0, 60000, 300)]
@@ -165,5 +164,5 @@ async def test_duplicate_lookup_probes_the_unique_index(db: store.Pool) -> None:
             "EXPLAIN (FORMAT JSON) " + store.SEEN_EVENT_IDS.replace("$1::text[]", "$1"), ids
         )
         found = await store.seen_event_ids(conn, ids)
-    assert "deliveries_applied_event_idx" in plan and "Seq Scan" not in plan
+    assert "delivery_states_applied_event_idx" in plan and "Seq Scan" not in plan
     assert found == {f"evt_{i}" for i in range(300, 60000, 300)}
