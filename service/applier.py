@@ -216,10 +216,9 @@ async def _apply_rows(conn: store.Conn, rows: list[asyncpg.Record]) -> BatchResu
         finished.extend((seq, "applied", None) for seq, _ in evs)
         result.applied += len(evs)
 
-    await store.save_buddies(conn, writes)
-    await store.insert_ledger(conn, ledger)
-    await store.finish_deliveries(conn, finished)
-    await store.notify_changed(conn, result.changed)
+    await store.write_batch(
+        conn, buddies=writes, ledger=ledger, outcomes=finished, changed=result.changed
+    )
     return result
 
 
@@ -238,12 +237,15 @@ async def rebuild_buddy(conn: store.Conn, buddy_id: str) -> bool:
                 events.append((row["seq"], parsed.event))
         outcome = project(None, buddy_id, events)
         state, version = current.get(buddy_id, (None, 0))
-        await store.insert_ledger(conn, outcome.ledger)
         if state is not None and outcome.buddy == state:
+            await store.write_batch(conn, ledger=outcome.ledger)
             return False
         changed = state is None or mirrored(outcome.buddy) != mirrored(state)
         new_version = version + 1 if changed else version
-        await store.save_buddies(conn, [(outcome.buddy, new_version)])
-        if changed:
-            await store.notify_changed(conn, [(buddy_id, new_version)])
+        await store.write_batch(
+            conn,
+            buddies=[(outcome.buddy, new_version)],
+            ledger=outcome.ledger,
+            changed=[(buddy_id, new_version)] if changed else [],
+        )
         return True
