@@ -280,6 +280,29 @@ async def retry_deliveries(
     await conn.execute(RETRY_DELIVERIES, list(seqs), reason, max_attempts, backoff_s)
 
 
+# Distinct shards by hopping along the pending index (one probe per shard found), rather than
+# reading every pending entry: during a large backlog every finishing job asks this.
+DUE_SHARDS = """
+WITH RECURSIVE due AS (
+    (SELECT shard FROM delivery_states
+     WHERE status = 'accepted' AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+     ORDER BY shard LIMIT 1)
+    UNION ALL
+    SELECT (SELECT s.shard FROM delivery_states AS s
+            WHERE s.status = 'accepted' AND s.shard > due.shard
+              AND (s.next_attempt_at IS NULL OR s.next_attempt_at <= now())
+            ORDER BY s.shard LIMIT 1)
+    FROM due WHERE due.shard IS NOT NULL
+)
+SELECT shard FROM due WHERE shard IS NOT NULL
+"""
+
+
+async def due_shards(conn: Executor) -> list[int]:
+    """Shards holding deliveries that may be applied now."""
+    return [r["shard"] for r in await conn.fetch(DUE_SHARDS)]
+
+
 # Each shard's oldest due delivery (seq is receipt order) decides whether the shard is late.
 STALLED_SHARDS = """
 SELECT oldest.shard
