@@ -7,8 +7,8 @@ so even two jobs that meet on a buddy serialise instead of deadlocking.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -70,49 +70,59 @@ _DATA_ERRORS = (
 _CONNECTION_ERRORS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)
 
 
-async def drain_shard(
+async def drain_shards(
     conn: store.Conn,
-    shard: int,
+    shards: Sequence[int],
     limits: ApplyLimits,
     stopping: Callable[[], bool] = lambda: False,
 ) -> tuple[BatchResult, bool]:
-    """Apply pending deliveries of `shard` until none is left, or until `stopping()` says so
+    """Apply pending deliveries of `shards` until none is left, or until `stopping()` says so
     between batches. Returns the result and whether deliveries may be left. Call with the
-    shard lock held."""
+    shards' locks held.
+
+    A batch takes an equal share of `batch_size` from each shard still busy; a shard that
+    gave less than its share is empty and drops out."""
     total = BatchResult()
-    while True:
-        result = await apply_batch(conn, shard, limits)
+    busy = list(shards)
+    while busy:
+        per_shard = -(-limits.batch_size // len(busy))
+        result, claimed = await apply_batch(conn, busy, per_shard, limits)
         total.add(result)
-        if result.claimed < limits.batch_size:
-            return total, False
-        if stopping():
+        busy = [shard for shard in busy if claimed[shard] >= per_shard]
+        if busy and stopping():
             return total, True
+    return total, False
 
 
-async def apply_batch(conn: store.Conn, shard: int, limits: ApplyLimits) -> BatchResult:
+async def apply_batch(
+    conn: store.Conn, shards: Sequence[int], per_shard: int, limits: ApplyLimits
+) -> tuple[BatchResult, Counter[int]]:
+    """One batch in one transaction; the result and the rows claimed from each shard."""
     try:
         async with conn.transaction():
-            rows = await store.claim_batch(conn, shard, limits.batch_size)
-            return await _apply_rows(conn, rows)
+            rows = await store.claim_batch(conn, shards, per_shard)
+            return await _apply_rows(conn, rows), Counter(r["shard"] for r in rows)
     except _DATA_ERRORS as exc:
         if isinstance(exc, _CONNECTION_ERRORS):
             raise
         # Something in the batch cannot be written (a value out of range, say). Apply the
         # buddies one by one so the poison is isolated and everyone else moves on.
-        log.warning("batch_failed_isolating", shard=shard, error=repr(exc))
-        return await _apply_isolated(conn, shard, limits)
+        log.warning("batch_failed_isolating", shards=list(shards), error=repr(exc))
+        return await _apply_isolated(conn, shards, per_shard, limits)
 
 
-async def _apply_isolated(conn: store.Conn, shard: int, limits: ApplyLimits) -> BatchResult:
+async def _apply_isolated(
+    conn: store.Conn, shards: Sequence[int], per_shard: int, limits: ApplyLimits
+) -> tuple[BatchResult, Counter[int]]:
     async with conn.transaction():
-        rows = await store.claim_batch(conn, shard, limits.batch_size)
+        rows = await store.claim_batch(conn, shards, per_shard)
     groups: dict[str | None, list[asyncpg.Record]] = defaultdict(list)
     for row in rows:
         groups[_buddy_of(row)].append(row)
     result = BatchResult(claimed=len(rows))
     for buddy_id, group in groups.items():
         await _apply_group(conn, buddy_id, group, limits, result)
-    return result
+    return result, Counter(r["shard"] for r in rows)
 
 
 async def _apply_group(

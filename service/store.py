@@ -208,19 +208,27 @@ async def insert_deliveries(conn: Executor, batch: Sequence[NewDelivery]) -> lis
     return out
 
 
+# Up to $2 due deliveries from each of the shards $1 (each an index range of the pending
+# index), locked, in receipt order: a buddy's deliveries share a shard, so each buddy's come
+# in order. One shard for a wake-up job; several when a job takes on idle shards.
 CLAIM_BATCH = """
-SELECT s.seq, d.delivery_id, d.format, d.headers, d.body, d.signed_at, s.attempts
-FROM delivery_states AS s JOIN deliveries AS d ON d.seq = s.seq
-WHERE s.shard = $1 AND s.status = 'accepted'
-  AND (s.next_attempt_at IS NULL OR s.next_attempt_at <= now())
-ORDER BY s.seq
-LIMIT $2
-FOR UPDATE OF s SKIP LOCKED
+SELECT c.seq, sh.shard, d.delivery_id, d.format, d.headers, d.body, d.signed_at, c.attempts
+FROM unnest($1::int[]) AS sh(shard)
+CROSS JOIN LATERAL (
+    SELECT s.seq, s.attempts FROM delivery_states AS s
+    WHERE s.shard = sh.shard AND s.status = 'accepted'
+      AND (s.next_attempt_at IS NULL OR s.next_attempt_at <= now())
+    ORDER BY s.seq
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+) AS c
+JOIN deliveries AS d ON d.seq = c.seq
+ORDER BY c.seq
 """
 
 
-async def claim_batch(conn: Conn, shard: int, limit: int) -> list[asyncpg.Record]:
-    return list(await conn.fetch(CLAIM_BATCH, shard, limit))
+async def claim_batch(conn: Conn, shards: Sequence[int], per_shard: int) -> list[asyncpg.Record]:
+    return list(await conn.fetch(CLAIM_BATCH, list(shards), per_shard))
 
 
 CLAIM_SEQS = """
@@ -278,6 +286,21 @@ async def retry_deliveries(
 ) -> None:
     """A failed attempt: back off exponentially, and give up as `dead` after `max_attempts`."""
     await conn.execute(RETRY_DELIVERIES, list(seqs), reason, max_attempts, backoff_s)
+
+
+TRY_LOCK_SHARDS = f"""
+SELECT shard FROM unnest($1::int[]) AS shard WHERE pg_try_advisory_lock({SHARD_LOCK_SPACE}, shard)
+"""
+UNLOCK_SHARDS = f"SELECT pg_advisory_unlock({SHARD_LOCK_SPACE}, s) FROM unnest($1::int[]) AS s"
+
+
+async def try_lock_shards(conn: Conn, shards: Sequence[int]) -> list[int]:
+    """Those of `shards` whose lock this session now holds (the others are being drained)."""
+    return [r["shard"] for r in await conn.fetch(TRY_LOCK_SHARDS, list(shards))]
+
+
+async def unlock_shards(conn: Conn, shards: Sequence[int]) -> None:
+    await conn.execute(UNLOCK_SHARDS, list(shards))
 
 
 # Distinct shards by hopping along the pending index (one probe per shard found), rather than

@@ -21,7 +21,7 @@ from arq.worker import Retry, Worker, func
 from redis.exceptions import RedisError
 
 from service import hatching, metrics, refresh, store
-from service.applier import ApplyLimits, BatchResult, drain_shard
+from service.applier import ApplyLimits, BatchResult, drain_shards
 from service.config import Settings
 from service.hatched_api import BudgetExhausted, HatchedAPI, HatchedAPIError
 from service.queue import (
@@ -87,7 +87,7 @@ async def apply_shard(ctx: dict[str, Any], shard: int) -> int:
             # Only now may the next delivery enqueue another wake-up: everything stored
             # before this point is drained by this job (see service/queue.py).
             await ctx["redis"].delete(wake_key(settings.queue_name, shard))
-            result, left = await drain_shard(conn, shard, ctx["limits"], stopping)
+            result, left = await drain_shards(conn, [shard], ctx["limits"], stopping)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1, $2)", store.SHARD_LOCK_SPACE, shard)
         if not left:
@@ -122,8 +122,8 @@ async def apply_shard(ctx: dict[str, Any], shard: int) -> int:
 async def drain_idle_shards(
     conn: store.Conn, limits: ApplyLimits, stopping: Callable[[], bool]
 ) -> BatchResult:
-    """One pass over the other shards with due deliveries that no job is draining (their lock
-    is free): drain them now, ahead of their own wake-up jobs.
+    """Drain the shards with due deliveries that no job is draining (their lock is free) now,
+    all together in shared batches, ahead of their own wake-up jobs.
 
     Starting an arq job costs the worker's poll loop several Redis round trips, one job after
     another. On a busy machine that caps the jobs started per second, so with deliveries
@@ -132,20 +132,15 @@ async def drain_idle_shards(
     shard's own wake-up stays queued and finds little or nothing left; the wake-up protocol is
     unchanged, so nothing depends on this pass.
     """
-    total = BatchResult()
-    for other in await store.due_shards(conn):
-        if stopping():
-            break
-        if not await conn.fetchval(
-            "SELECT pg_try_advisory_lock($1, $2)", store.SHARD_LOCK_SPACE, other
-        ):
-            continue
-        try:
-            result, _ = await drain_shard(conn, other, limits, stopping)
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1, $2)", store.SHARD_LOCK_SPACE, other)
-        total.add(result)
-    return total
+    due = await store.due_shards(conn)
+    locked = await store.try_lock_shards(conn, due) if due else []
+    if not locked:
+        return BatchResult()
+    try:
+        result, _ = await drain_shards(conn, locked, limits, stopping)
+    finally:
+        await store.unlock_shards(conn, locked)
+    return result
 
 
 MAX_REFRESH_DEFERRALS = 10

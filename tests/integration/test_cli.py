@@ -146,7 +146,7 @@ async def test_an_existing_inbox_keeps_every_outcome_across_the_state_table_migr
                 # The worker's own queries see the same: the one due delivery, the applied
                 # event, the dead count.
                 async with conn.transaction():
-                    claimed = await store.claim_batch(conn, 3, 10)
+                    claimed = await store.claim_batch(conn, [3], 10)
                 assert [r["delivery_id"] for r in claimed] == ["d4"]
                 assert await store.seen_event_ids(conn, ["evt_1", "evt_2"]) == {"evt_1"}
                 pending, _, dead = await store.inbox_stats(conn)
