@@ -11,7 +11,6 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -21,7 +20,7 @@ from arq.worker import Retry, Worker, func
 from redis.exceptions import RedisError
 
 from service import hatching, metrics, refresh, store
-from service.applier import ApplyLimits, BatchResult, drain_shards
+from service.applier import ApplyLimits, BatchResult, apply_batch, drain_shards
 from service.config import Settings
 from service.hatched_api import BudgetExhausted, HatchedAPI, HatchedAPIError
 from service.queue import (
@@ -91,7 +90,7 @@ async def apply_shard(ctx: dict[str, Any], shard: int) -> int:
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1, $2)", store.SHARD_LOCK_SPACE, shard)
         if not left:
-            result.add(await drain_idle_shards(conn, ctx["limits"], stopping))
+            result.add(await apply_idle_shards(conn, ctx["limits"]))
     if left:
         # Shutting down with work left: hand the shard to the next worker now, not at the
         # next sweep.
@@ -119,11 +118,9 @@ async def apply_shard(ctx: dict[str, Any], shard: int) -> int:
     return result.claimed
 
 
-async def drain_idle_shards(
-    conn: store.Conn, limits: ApplyLimits, stopping: Callable[[], bool]
-) -> BatchResult:
-    """Drain the shards with due deliveries that no job is draining (their lock is free) now,
-    all together in shared batches, ahead of their own wake-up jobs.
+async def apply_idle_shards(conn: store.Conn, limits: ApplyLimits) -> BatchResult:
+    """Apply one batch from the shards with due deliveries that no job is draining (their lock
+    is free), ahead of their own wake-up jobs.
 
     Starting an arq job costs the worker's poll loop several Redis round trips, one job after
     another. On a busy machine that caps the jobs started per second, so with deliveries
@@ -137,7 +134,9 @@ async def drain_idle_shards(
     if not locked:
         return BatchResult()
     try:
-        result, _ = await drain_shards(conn, locked, limits, stopping)
+        # One batch, then the locks go: a shard with a large backlog is its own job's work, and
+        # holding many shards' locks for long would leave their jobs waiting on them.
+        result, _ = await apply_batch(conn, locked, -(-limits.batch_size // len(locked)), limits)
     finally:
         await store.unlock_shards(conn, locked)
     return result

@@ -17,7 +17,7 @@ from service.config import Settings
 from service.projector import mirrored
 from service.samples import build_delivery
 from service.signatures import signature_headers
-from service.worker import drain_idle_shards
+from service.worker import apply_idle_shards
 from tests.conftest import SECRET, make_settings, running_worker, serving, wait_settled
 from tests.scenario import expected_states, learning_day, mirrored_states, signed
 
@@ -65,11 +65,11 @@ async def test_redis_down_at_receipt_is_recovered_by_the_sweeper(
     assert found is not None and found[0].coins == 120
 
 
-async def test_a_running_job_drains_the_shards_no_job_holds(
+async def test_a_running_job_applies_the_shards_no_job_holds(
     migrated: str, server: str, db: store.Pool
 ) -> None:
-    """After its own shard, a wake-up job applies the due deliveries of every shard whose lock
-    is free, and leaves alone a shard another job is draining."""
+    """After its own shard, a wake-up job applies a batch of the due deliveries of the shards
+    whose lock is free, and leaves alone a shard another job is draining."""
     deliveries = [
         build_delivery("buddy.hatched", "v2", secret=SECRET, buddy_id=f"buddy_idle_{i}")
         for i in range(12)
@@ -80,7 +80,7 @@ async def test_a_running_job_drains_the_shards_no_job_holds(
     busy = min(shards)
     async with db.acquire() as holder, db.acquire() as conn:
         await holder.execute("SELECT pg_advisory_lock($1, $2)", store.SHARD_LOCK_SPACE, busy)
-        result = await drain_idle_shards(conn, ApplyLimits(), lambda: False)
+        result = await apply_idle_shards(conn, ApplyLimits())
         await holder.execute("SELECT pg_advisory_unlock($1, $2)", store.SHARD_LOCK_SPACE, busy)
     left = await db.fetch("SELECT shard FROM delivery_states WHERE status = 'accepted'")
     assert left and {r["shard"] for r in left} == {busy}
