@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
 import subprocess
@@ -86,6 +87,29 @@ def ratio(a: float, b: float) -> float:
 
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(idle, total) jiffies of all CPUs since boot, from /proc/stat."""
+    values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return values[3] + values[4], sum(values)  # idle + iowait
+
+
+async def settle(max_s: float, idle_at_least: float = 0.85, window_s: float = 1.0) -> str:
+    """Wait (up to `max_s`) for the machine to go quiet after the previous scenario: its
+    processes are gone, but Postgres's checkpoint and autovacuum, or a dropped database's
+    files, can keep a core busy for a while, and every figure here is a whole-machine figure.
+    Returns what it waited, for the section's footer."""
+    waited = 0.0
+    idle = 0.0
+    while True:
+        idle0, total0 = _cpu_times()
+        await asyncio.sleep(window_s)
+        idle1, total1 = _cpu_times()
+        waited += window_s
+        idle = (idle1 - idle0) / max(1, total1 - total0)
+        if idle >= idle_at_least or waited >= max_s:
+            return f"settled {waited:.0f} s before, CPU {100 * idle:.0f}% idle"
 
 
 def _head() -> str:

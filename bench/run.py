@@ -105,6 +105,7 @@ async def main(argv: list[str]) -> int:
     failed = False
     started = time.monotonic()
     for name in names:
+        settled = await report.settle(2.0 if args.quick else 60.0)
         t0 = time.monotonic()
         load_before = report.loadavg()
         print(f"[{time.monotonic() - started:6.1f}s] {name} ...", file=sys.stderr, flush=True)
@@ -115,8 +116,8 @@ async def main(argv: list[str]) -> int:
             traceback.print_exc()
             section = Section(name, name, problems=[f"scenario failed: {exc!r}"])
         section.blocks.append(
-            f"_{time.monotonic() - t0:.0f} s; load average before {load_before}, "
-            f"after {report.loadavg()}._"
+            f"_{time.monotonic() - t0:.0f} s ({settled}); load average before "
+            f"{load_before}, after {report.loadavg()}._"
         )
         sections.append(section)
         said = "; ".join(section.problems + section.warnings) or "ok"
