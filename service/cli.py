@@ -102,7 +102,14 @@ def worker() -> None:
     # trips to Postgres and Redis, which uvloop's transports make cheaper. arq takes the
     # current loop.
     asyncio.set_event_loop(uvloop.new_event_loop())
-    create_worker(settings).run()
+    try:
+        create_worker(settings).run()
+    except asyncio.CancelledError:
+        # SIGTERM: once the completion wait is over, arq cancels the jobs still running and its
+        # close() re-raises that cancellation, even for a job it had only just fetched. The
+        # stop was asked for and a cancelled job's batch rolls back (the sweeper re-wakes its
+        # shard): a clean exit, not a crash.
+        click.echo("worker stopped; jobs still running were cancelled", err=True)
 
 
 @main.command()
