@@ -208,16 +208,21 @@ async def insert_deliveries(conn: Executor, batch: Sequence[NewDelivery]) -> lis
     return out
 
 
+# A delivery the worker may apply now: pending, and not backing off after a failed attempt.
+# Every query below reads it as `delivery_states AS s`; `status = 'accepted'` is the pending
+# index's predicate, so each of them can take that index.
+_DUE = "s.status = 'accepted' AND (s.next_attempt_at IS NULL OR s.next_attempt_at <= now())"
+
+
 # Up to $2 due deliveries from each of the shards $1 (each an index range of the pending
 # index), locked, in receipt order: a buddy's deliveries share a shard, so each buddy's come
 # in order. One shard for a wake-up job; several when a job takes on idle shards.
-CLAIM_BATCH = """
+CLAIM_BATCH = f"""
 SELECT c.seq, sh.shard, d.delivery_id, d.format, d.headers, d.body, d.signed_at, c.attempts
 FROM unnest($1::int[]) AS sh(shard)
 CROSS JOIN LATERAL (
     SELECT s.seq, s.attempts FROM delivery_states AS s
-    WHERE s.shard = sh.shard AND s.status = 'accepted'
-      AND (s.next_attempt_at IS NULL OR s.next_attempt_at <= now())
+    WHERE s.shard = sh.shard AND {_DUE}
     ORDER BY s.seq
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -291,7 +296,13 @@ async def retry_deliveries(
 TRY_LOCK_SHARDS = f"""
 SELECT shard FROM unnest($1::int[]) AS shard WHERE pg_try_advisory_lock({SHARD_LOCK_SPACE}, shard)
 """
+LOCK_SHARD = f"SELECT pg_advisory_lock({SHARD_LOCK_SPACE}, $1)"
 UNLOCK_SHARDS = f"SELECT pg_advisory_unlock({SHARD_LOCK_SPACE}, s) FROM unnest($1::int[]) AS s"
+
+
+async def lock_shard(conn: Conn, shard: int) -> None:
+    """Wait for the shard's lock: the job holding it is draining the shard."""
+    await conn.execute(LOCK_SHARD, shard)
 
 
 async def try_lock_shards(conn: Conn, shards: Sequence[int]) -> list[int]:
@@ -305,20 +316,17 @@ async def unlock_shards(conn: Conn, shards: Sequence[int]) -> None:
 
 # Distinct shards by hopping along the pending index (one probe per shard found), rather than
 # reading every pending entry: during a large backlog every finishing job asks this.
-DUE_SHARDS = """
+DUE_SHARDS_CTE = f"""
 WITH RECURSIVE due AS (
-    (SELECT shard FROM delivery_states
-     WHERE status = 'accepted' AND (next_attempt_at IS NULL OR next_attempt_at <= now())
-     ORDER BY shard LIMIT 1)
+    (SELECT s.shard FROM delivery_states AS s WHERE {_DUE} ORDER BY s.shard LIMIT 1)
     UNION ALL
     SELECT (SELECT s.shard FROM delivery_states AS s
-            WHERE s.status = 'accepted' AND s.shard > due.shard
-              AND (s.next_attempt_at IS NULL OR s.next_attempt_at <= now())
+            WHERE {_DUE} AND s.shard > due.shard
             ORDER BY s.shard LIMIT 1)
     FROM due WHERE due.shard IS NOT NULL
 )
-SELECT shard FROM due WHERE shard IS NOT NULL
 """
+DUE_SHARDS = DUE_SHARDS_CTE + "SELECT shard FROM due WHERE shard IS NOT NULL"
 
 
 async def due_shards(conn: Executor) -> list[int]:
@@ -326,17 +334,21 @@ async def due_shards(conn: Executor) -> list[int]:
     return [r["shard"] for r in await conn.fetch(DUE_SHARDS)]
 
 
-# Each shard's oldest due delivery (seq is receipt order) decides whether the shard is late.
-STALLED_SHARDS = """
-SELECT oldest.shard
-FROM (
-    SELECT DISTINCT ON (shard) shard, seq FROM delivery_states
-    WHERE status = 'accepted' AND (next_attempt_at IS NULL OR next_attempt_at <= now())
-    ORDER BY shard, seq
+# Each due shard's oldest due delivery (seq is receipt order) decides whether it is late.
+STALLED_SHARDS = (
+    DUE_SHARDS_CTE
+    + f"""
+SELECT due.shard
+FROM due
+CROSS JOIN LATERAL (
+    SELECT s.seq FROM delivery_states AS s
+    WHERE s.shard = due.shard AND {_DUE}
+    ORDER BY s.seq LIMIT 1
 ) AS oldest
 JOIN deliveries AS d ON d.seq = oldest.seq
-WHERE d.received_at < now() - make_interval(secs => $1)
+WHERE due.shard IS NOT NULL AND d.received_at < now() - make_interval(secs => $1)
 """
+)
 
 
 async def stalled_shards(conn: Executor, older_than_s: float) -> list[int]:

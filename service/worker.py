@@ -81,14 +81,14 @@ async def apply_shard(ctx: dict[str, Any], shard: int) -> int:
         return bool(ctx.get("stopping"))
 
     async with ctx["pool"].acquire() as conn:
-        await conn.execute("SELECT pg_advisory_lock($1, $2)", store.SHARD_LOCK_SPACE, shard)
+        await store.lock_shard(conn, shard)
         try:
             # Only now may the next delivery enqueue another wake-up: everything stored
             # before this point is drained by this job (see service/queue.py).
             await ctx["redis"].delete(wake_key(settings.queue_name, shard))
             result, left = await drain_shards(conn, [shard], ctx["limits"], stopping)
         finally:
-            await conn.execute("SELECT pg_advisory_unlock($1, $2)", store.SHARD_LOCK_SPACE, shard)
+            await store.unlock_shards(conn, [shard])
         if not left:
             result.add(await apply_idle_shards(conn, ctx["limits"]))
     if left:

@@ -79,13 +79,39 @@ async def test_a_running_job_applies_the_shards_no_job_holds(
     assert len(shards) > 2
     busy = min(shards)
     async with db.acquire() as holder, db.acquire() as conn:
-        await holder.execute("SELECT pg_advisory_lock($1, $2)", store.SHARD_LOCK_SPACE, busy)
+        await store.lock_shard(holder, busy)
         result = await apply_idle_shards(conn, ApplyLimits())
-        await holder.execute("SELECT pg_advisory_unlock($1, $2)", store.SHARD_LOCK_SPACE, busy)
+        await store.unlock_shards(holder, [busy])
     left = await db.fetch("SELECT shard FROM delivery_states WHERE status = 'accepted'")
     assert left and {r["shard"] for r in left} == {busy}
     assert result.applied == 12 - len(left)
     assert sorted(await store.due_shards(db)) == [busy]
+
+
+async def test_a_shard_is_stalled_when_its_oldest_due_delivery_is_late(
+    server: str, db: store.Pool
+) -> None:
+    """The sweeper's question: due deliveries only (not one backing off), oldest first."""
+    for i in range(40):
+        headers, body = build_delivery("coins.earned", "v2", secret=SECRET, buddy_id=f"b_st_{i}")
+        assert await post_all(server, [(headers, body)]) == [202]
+    by_shard: dict[int, list[int]] = {}
+    for r in await db.fetch("SELECT shard, seq FROM delivery_states ORDER BY seq"):
+        by_shard.setdefault(r["shard"], []).append(r["seq"])
+    late, backing_off, newer_first = [s for s, seqs in by_shard.items() if len(seqs) >= 2][:3]
+    # late: its oldest delivery is old. backing_off: its two oldest are old, but a failed
+    # attempt put both off. newer_first: only its second delivery is old, its oldest is not.
+    old = [by_shard[late][0], *by_shard[backing_off][:2], by_shard[newer_first][1]]
+    await db.execute(
+        "UPDATE deliveries SET received_at = now() - interval '1 hour' WHERE seq = ANY($1)", old
+    )
+    await db.execute(
+        "UPDATE delivery_states SET next_attempt_at = now() + interval '1 hour'"
+        " WHERE seq = ANY($1)",
+        by_shard[backing_off][:2],
+    )
+    assert await store.stalled_shards(db, 60) == [late]
+    assert await store.stalled_shards(db, 7200) == []
 
 
 @pytest.mark.parametrize("fmt", ["v1", "v2"])
