@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -38,7 +39,11 @@ async def read(ctx: Ctx) -> Section:
         targets_file.write_bytes(orjson.dumps(targets))
         serve, port = await procs.start_service(env, ctx.logs, "read_serve")
         try:
-            payload = await _typical_buddy(port, [t[0] for t in targets[:101]])
+            # Every target once before measuring: the cache then holds them all, as it does
+            # in a service that has run for a while, instead of the measured seconds mixing
+            # in first reads from Postgres (a slow machine's warm-up reaches only part).
+            bodies = await _read_all(port, [t[0] for t in targets])
+            payload = sorted(bodies, key=len)[len(bodies) // 2]  # a typical size for `bare`
             for name, conditional in (("service_200", False), ("service_304", True)):
                 results[name] = await procs.run_load(
                     get_spec(ctx, port, targets_file, conditional), ctx.logs, f"read_{name}"
@@ -78,7 +83,8 @@ async def read(ctx: Ctx) -> Section:
         )
     sec.blocks.append(
         f"Closed loop, {p.read_conns} connections, {p.read_s:g} s after {p.warmup_s:g} s warm-up, "
-        f"random buddies out of {len(targets):,} (each hatched plus ~4 events of the mix)."
+        f"random buddies out of {len(targets):,} (each hatched plus ~4 events of the mix); "
+        "every buddy was read once before, so the service's cache holds them all."
     )
     sec.blocks.append(table(["endpoint", "req/s", "p50 ms", "p99 ms", "statuses", "÷ bare"], rows))
     r200, r304 = results["service_200"]["rps"], results["service_304"]["rps"]
@@ -94,11 +100,18 @@ async def read(ctx: Ctx) -> Section:
     return sec
 
 
-async def _typical_buddy(port: int, paths: list[str]) -> bytes:
-    """The median-sized buddy document, so the bare endpoint serves a same-size JSON."""
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-        headers = {"Authorization": f"Bearer {procs.TOKEN}"}
-        bodies = sorted(
-            [(await client.get(path, headers=headers)).content for path in paths], key=len
-        )
-    return bodies[len(bodies) // 2]
+async def _read_all(port: int, paths: list[str], conns: int = 8) -> list[bytes]:
+    """GET every path (over a few connections); the bodies, in no particular order."""
+    todo = iter(paths)
+    bodies: list[bytes] = []
+    headers = {"Authorization": f"Bearer {procs.TOKEN}"}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers) as client:
+
+        async def reader() -> None:
+            for path in todo:
+                r = await client.get(path)
+                r.raise_for_status()
+                bodies.append(r.content)
+
+        await asyncio.gather(*(reader() for _ in range(conns)))
+    return bodies
