@@ -74,6 +74,16 @@ async def scratch_database(database_url: str) -> AsyncIterator[str]:
         await admin.close()
 
 
+def sql_upto(root: Path, last: str) -> Path:
+    """A copy of sql/ holding the migrations numbered up to `last`."""
+    folder = root / f"sql_upto_{last}"
+    folder.mkdir()
+    for path in sorted(store.SQL_DIR.glob("*.sql")):
+        if path.name[:4] <= last:
+            (folder / path.name).write_text(path.read_text())
+    return folder
+
+
 async def test_migrate_is_idempotent_and_safe_in_parallel(
     database_url: str, tmp_path: Path
 ) -> None:
@@ -114,10 +124,7 @@ async def test_an_existing_inbox_keeps_every_outcome_across_the_state_table_migr
 ) -> None:
     """sql/0008 moves outcomes out of `deliveries`: an install upgraded with deliveries in
     every state still knows what is pending, applied, retried and dead, and acts on it."""
-    before = tmp_path / "before"
-    before.mkdir()
-    for path in sorted(store.SQL_DIR.glob("000[1-7]_*.sql")):
-        (before / path.name).write_text(path.read_text())
+    before = sql_upto(tmp_path, "0007")
     async with scratch_database(database_url) as dsn:
         pool = await store.create_pool(dsn, size=1, timeout_s=10)
         try:
@@ -140,7 +147,10 @@ async def test_an_existing_inbox_keeps_every_outcome_across_the_state_table_migr
                     """
                 )
                 was = [dict(r) for r in await conn.fetch("SELECT * FROM deliveries ORDER BY seq")]
-                assert await store.migrate(conn) == ["0008_delivery_states"]
+                assert await store.migrate(conn) == [
+                    "0008_delivery_states",
+                    "0009_orphan_delivery_states",
+                ]
                 now = [dict(r) for r in await conn.fetch("SELECT * FROM inbox ORDER BY seq")]
                 assert now == was
                 # The worker's own queries see the same: the one due delivery, the applied
@@ -158,6 +168,54 @@ async def test_an_existing_inbox_keeps_every_outcome_across_the_state_table_migr
                         " WHERE table_name = 'deliveries'"
                     )
                 }
+        finally:
+            await pool.close()
+
+
+async def test_a_delivery_the_previous_release_stores_during_the_split_is_applied(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Upgrades migrate while the previous release still serves. sql/0008 copies the outcomes,
+    then waits for its lock on `deliveries`; a delivery that an old receiver commits in between
+    has no state row after 0008. sql/0009 gives it one, and the worker claims it."""
+    async with scratch_database(database_url) as dsn:
+        pool = await store.create_pool(dsn, size=3, timeout_s=10)
+        try:
+            async with pool.acquire() as conn:
+                await store.migrate(conn, sql_upto(tmp_path, "0007"))
+            async with pool.acquire() as old_receiver, pool.acquire() as migrator:
+                receipt = old_receiver.transaction()
+                await receipt.start()
+                # The 0007 release's INSERT: outcome columns in `deliveries`.
+                await old_receiver.execute(
+                    "INSERT INTO deliveries (delivery_id, format, event_type, buddy_id, shard,"
+                    " signed_at, headers, body, status)"
+                    " VALUES ('late', 'v2', 'coins.earned', 'b1', 5, now(), '{}', '\\x00',"
+                    " 'accepted')"
+                )
+                split = asyncio.create_task(store.migrate(migrator, sql_upto(tmp_path, "0008")))
+                pid = migrator.get_server_pid()
+                for _ in range(200):
+                    waiting = await pool.fetchval(
+                        "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid
+                    )
+                    if waiting:
+                        break
+                    await asyncio.sleep(0.05)
+                assert waiting, "0008 never waited for the lock on deliveries"
+                await receipt.commit()
+                assert await split == ["0008_delivery_states"]
+            stateless = (
+                "SELECT d.delivery_id FROM deliveries AS d WHERE NOT EXISTS"
+                " (SELECT 1 FROM delivery_states AS s WHERE s.seq = d.seq)"
+            )
+            assert [r["delivery_id"] for r in await pool.fetch(stateless)] == ["late"]
+            async with pool.acquire() as conn:
+                assert await store.migrate(conn) == ["0009_orphan_delivery_states"]
+                assert await pool.fetch(stateless) == []
+                async with conn.transaction():
+                    claimed = await store.claim_batch(conn, [5], 10)
+                assert [r["delivery_id"] for r in claimed] == ["late"]
         finally:
             await pool.close()
 
