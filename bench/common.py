@@ -21,8 +21,8 @@ PCT = ("p50", "p95", "p99", "p999", "max")
 @dataclass(frozen=True)
 class Plan:
     """Sizes and durations. The defaults are the issue's targets (10,000 buddies, 1,000/s and
-    500/s for 60 s, a 100,000-delivery backlog, 1M buddies / 20M deliveries); QUICK keeps every
-    code path of the suite and none of the load."""
+    500/s for 60 s, a 100,000-delivery backlog, 1M buddies / 20M deliveries; the upgrade at
+    20M deliveries too); QUICK keeps every code path of the suite and none of the load."""
 
     quick: bool = False
     buddies: int = 10_000
@@ -42,6 +42,7 @@ class Plan:
     scale_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000)
     per_buddy: int = 20
     scale_backlog: int = 100_000
+    upgrade_rows: int = 20_000_000
 
     def with_duration(self, seconds: float) -> Plan:
         return replace(self, receiver_s=seconds, ack_s=seconds, fresh_s=seconds, read_s=seconds)
@@ -66,6 +67,7 @@ QUICK = Plan(
     scale_sizes=(1_000, 3_000),
     per_buddy=5,
     scale_backlog=2_000,
+    upgrade_rows=3_000,
 )
 
 

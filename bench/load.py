@@ -172,7 +172,7 @@ def _post_requests(spec: dict[str, Any]) -> list[bytes]:
     # Closed loop: enough for `max_rate` req/s, well above what one uvicorn process takes here
     # with a database behind it; a run that uses them all up says so ("exhausted").
     count = spec.get("count") or int(
-        (spec["duration"] + spec.get("warmup", 0)) * spec.get("max_rate", 6000)
+        (spec["duration"] + spec.get("warmup", 0)) * spec.get("max_rate", 12_000)
     )
     deliveries = make_deliveries(
         count,

@@ -134,8 +134,8 @@ async def wait_http(proc: Proc, port: int, path: str = "/healthz", within: float
             await asyncio.sleep(0.05)
 
 
-async def migrate(dsn: str, logs: Path) -> None:
-    proc = Proc("migrate", [str(BIN / "hatched-mirror"), "migrate"], service_env(dsn), logs)
+async def migrate(dsn: str, logs: Path, **env: str) -> None:
+    proc = Proc("migrate", [str(BIN / "hatched-mirror"), "migrate"], service_env(dsn, **env), logs)
     code = await asyncio.to_thread(proc.popen.wait)
     await proc.stop()
     if code != 0:

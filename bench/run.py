@@ -22,7 +22,7 @@ from pathlib import Path
 
 import orjson
 
-from bench import backlog, read, report, scale, scenarios
+from bench import backlog, read, report, scale, scenarios, upgrade
 from bench.common import QUICK, Ctx, Plan
 from bench.report import Section
 
@@ -33,9 +33,11 @@ SCENARIOS: dict[str, Callable[[Ctx], Awaitable[Section]]] = {
     "freshness": scenarios.freshness,
     "read": read.read,
     "scale": scale.scale,
+    "upgrade": upgrade.upgrade,
 }
-# `scale` fills 20M rows (tens of minutes): only when named, or in a quick run.
-DEFAULT = [name for name in SCENARIOS if name != "scale"]
+# `scale` and `upgrade` fill 20M rows (many minutes): only when named, or in a quick run.
+LONG = ("scale", "upgrade")
+DEFAULT = [name for name in SCENARIOS if name not in LONG]
 BENCH_DIR = Path(__file__).resolve().parent
 
 

@@ -146,6 +146,23 @@ class NewDelivery:
     status: str
     reason: str | None
 
+    def row(self) -> tuple[object, ...]:
+        """Its columns in INSERT_DELIVERIES's order, the headers as JSON text."""
+        return (
+            self.delivery_id,
+            self.format,
+            self.event_type,
+            self.event_id,
+            self.buddy_id,
+            self.shard,
+            self.occurred_at,
+            self.signed_at,
+            orjson.dumps(self.headers).decode(),
+            self.body,
+            self.status,
+            self.reason,
+        )
+
 
 async def insert_delivery(conn: Executor, d: NewDelivery) -> int | None:
     """The seq of the stored row, or None when the delivery id was already stored."""
@@ -185,20 +202,7 @@ async def insert_deliveries(conn: Executor, batch: Sequence[NewDelivery]) -> lis
     rows = list(first.values())
     columns: list[list[object]] = [[] for _ in range(12)]
     for d in rows:
-        values = (
-            d.delivery_id,
-            d.format,
-            d.event_type,
-            d.event_id,
-            d.buddy_id,
-            d.shard,
-            d.occurred_at,
-            d.signed_at,
-            orjson.dumps(d.headers).decode(),
-            d.body,
-            d.status,
-            d.reason,
-        )
+        values = d.row()
         for column, value in zip(columns, values, strict=True):
             column.append(value)
     stored = {r["delivery_id"]: r["seq"] for r in await conn.fetch(INSERT_DELIVERIES, *columns)}
