@@ -165,7 +165,7 @@ async def scale(ctx: Ctx) -> Section:
     async with database(ctx, "scale") as (dsn, env):
         n_shards = shards(env)
         # Long fill statements: the pool's command timeout follows its connect timeout.
-        pool = await store.create_pool(dsn, size=2, timeout_s=3600)
+        pool = await store.create_pool(dsn, size=2, timeout_s=10, bounded=False)
         worker = await procs.start_worker(env, ctx.logs, "scale_worker")
         serve, port = await procs.start_service(env, ctx.logs, "scale_serve")
         # The same service with its read cache off: what a read costs when it goes to Postgres,

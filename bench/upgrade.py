@@ -77,7 +77,7 @@ async def upgrade(ctx: Ctx) -> Section:
         dirs = {v: _sql_upto(Path(tmp), v) for v in (BEFORE, *SPLIT)}
         async with procs.fresh_database("upgrade") as dsn:
             await _migrate(dsn, ctx, dirs[BEFORE])
-            pool = await store.create_pool(dsn, size=1, timeout_s=3600)
+            pool = await store.create_pool(dsn, size=1, timeout_s=10, bounded=False)
             try:
                 filled = await _fill(pool, n, shards(procs.service_env(dsn)))
                 before = await _outcomes(pool, "deliveries")

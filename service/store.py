@@ -45,20 +45,32 @@ async def _keep_session(conn: Conn) -> None:
     """No reset query on release (see `create_pool`)."""
 
 
+# A statement still running after this long is given up on (asyncpg cancels it): the service's
+# queries take milliseconds, so one this slow is stuck, and its caller answers or retries.
+COMMAND_TIMEOUT_S = 30.0
+
+
 async def create_pool(
-    dsn: str, *, size: int, timeout_s: float, min_size: int = 0, stateless: bool = False
+    dsn: str,
+    *,
+    size: int,
+    timeout_s: float,
+    min_size: int = 0,
+    stateless: bool = False,
+    bounded: bool = True,
 ) -> Pool:
     """A pool that starts without connecting, so a process comes up while Postgres is down.
 
     `stateless`: the callers leave no session state behind (no advisory locks, LISTEN or SET;
     the HTTP process), so the round trip of asyncpg's reset query on every release is skipped.
+    `bounded=False`: statements may run as long as they need (migrations).
     """
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min(min_size, size),
         max_size=size,
         timeout=timeout_s,
-        command_timeout=max(timeout_s, 30.0),
+        command_timeout=COMMAND_TIMEOUT_S if bounded else None,
         init=_init_connection,
         reset=_keep_session if stateless else None,
         # Every statement here is a probe by key, for which an index is always right. A generic

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service import store
+from service import cli, store
 from tests.conftest import API_TOKEN, SECRET
 
 CLI = [sys.executable, "-m", "service"]
@@ -218,6 +218,24 @@ async def test_a_delivery_the_previous_release_stores_during_the_split_is_applie
                 assert [r["delivery_id"] for r in claimed] == ["late"]
         finally:
             await pool.close()
+
+
+async def test_a_migration_may_run_longer_than_the_command_timeout(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migrations on a large install take minutes; the service's statement limit must not cut
+    them off (it would roll each attempt back)."""
+    monkeypatch.setattr(store, "COMMAND_TIMEOUT_S", 0.2)
+    slow = sql_upto(tmp_path, "9999")
+    (slow / "9000_slow.sql").write_text("SELECT pg_sleep(0.6);")
+    async with scratch_database(database_url) as dsn:
+        bounded = await store.create_pool(dsn, size=1, timeout_s=10)
+        try:
+            with pytest.raises(TimeoutError):
+                await bounded.execute("SELECT pg_sleep(0.6)")
+        finally:
+            await bounded.close()
+        assert (await cli._migrate(dsn, slow))[-1] == "9000_slow"
 
 
 async def test_changed_migration_is_refused(
