@@ -233,6 +233,42 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time one process has used so far."""
+    # The command name (field 2) may hold spaces; the fields after its ')' are fixed.
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, summed over its cores."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    total = sum(ticks[:8])  # guest time is already inside user
+    return (total - idle) / _TICK, total / _TICK
+
+
+class CpuMeter:
+    """What one process and the whole machine spent on the CPU between start() and stop()."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._start = (0.0, 0.0, 0.0)
+        self.process_s = self.machine_busy_s = self.machine_s = 0.0
+
+    def start(self) -> None:
+        self._start = (cpu_seconds(self.pid), *machine_cpu())
+
+    def stop(self) -> None:
+        busy, total = machine_cpu()
+        self.process_s = cpu_seconds(self.pid) - self._start[0]
+        self.machine_busy_s = busy - self._start[1]
+        self.machine_s = total - self._start[2]
+
+
 class RssSampler:
     """VmRSS of one process every `every_s` seconds, for as long as the block runs."""
 
