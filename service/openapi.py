@@ -93,6 +93,10 @@ def build(endpoints: Sequence[Endpoint]) -> dict[str, Any]:
         errors = dict(ep.errors)
         if ep.auth in ("api", "admin"):
             errors.setdefault(401, "unauthorized: missing or unknown bearer token")
+        if any(p.where in ("path", "query") for p in ep.params):
+            # Handlers check their parameters, and a value the database cannot hold (a NUL)
+            # is refused on every route (service/app.py, _unexpected).
+            errors.setdefault(400, "invalid_parameter: `detail` names the parameter")
         for status, text in errors.items():
             responses[str(status)] = {"description": text, "content": problem}
         operation: dict[str, Any] = {

@@ -143,6 +143,8 @@ async def test_list_buddies_pages_by_cursor(http: httpx.AsyncClient, seeded: lis
         ("/v1/buddies", {"user_id": ""}, "invalid_parameter", "user_id"),
         ("/v1/buddies/buddy_2/ledger", {"cursor": "WzFd"}, "invalid_cursor", "cursor"),
         ("/v1/buddies/buddy_2/events", {"limit": "-1"}, "invalid_parameter", "limit"),
+        ("/v1/users/user_a/buddy", {"audience": ""}, "invalid_parameter", "audience"),
+        ("/v1/users/user_a/buddy", {"audience": "kids\x00"}, "invalid_parameter", "audience"),
     ],
 )
 async def test_bad_parameters_are_400_naming_the_parameter(
@@ -155,6 +157,11 @@ async def test_bad_parameters_are_400_naming_the_parameter(
 ) -> None:
     body = problem(await http.get(path, params=params, headers=READ), 400, code)
     assert named in body["detail"]
+
+
+@pytest.mark.parametrize("path", ["/v1/buddies/a%00b", "/v1/users/a%00b/buddy"])
+async def test_a_nul_in_a_path_is_400(http: httpx.AsyncClient, path: str) -> None:
+    problem(await http.get(path, headers=READ), 400, "invalid_parameter")
 
 
 async def test_user_buddy_is_the_most_recently_hatched(
