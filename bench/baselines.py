@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import os
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -33,6 +34,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from bench.load import SKILLS, buddy_ids
+from bench.procs import CpuMeter
 from service import store
 from service.config import Settings
 from service.events import parse_delivery
@@ -249,9 +251,12 @@ async def upsert_ceiling(dsn: str, rows: int, connections: int, batch: int) -> d
                     async with conn.transaction():
                         await conn.executemany(UPSERT, chunk)
 
+        cpu = CpuMeter(os.getpid())
+        cpu.start()
         started = time.perf_counter()
         await asyncio.gather(*(writer() for _ in range(connections)))
         seconds = time.perf_counter() - started
+        cpu.stop()
     finally:
         await pool.close()
     return {
@@ -260,6 +265,9 @@ async def upsert_ceiling(dsn: str, rows: int, connections: int, batch: int) -> d
         "connections": connections,
         "seconds": round(seconds, 3),
         "rows_per_s": round(rows / seconds, 1),
+        # This client and Postgres share the machine: its busy time is the cost of a row.
+        "machine_cpu_us": round(1e6 * cpu.machine_busy_s / rows, 1),
+        "machine_busy_pct": round(100 * cpu.machine_busy_s / cpu.machine_s) if cpu.machine_s else 0,
     }
 
 
