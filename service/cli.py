@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -218,17 +219,24 @@ async def _replay(
     from service.queue import Waker
 
     assert settings.database_url is not None and settings.redis_url is not None
-    pool = await store.create_pool(settings.database_url, size=2, timeout_s=settings.db_timeout_s)
+    # Unbounded: `--status all` or `--since` on a large inbox updates millions of rows in one
+    # statement, far longer than the service's statement limit.
+    pool = await store.create_pool(
+        settings.database_url, size=2, timeout_s=settings.db_timeout_s, bounded=False
+    )
     waker = Waker(settings.redis_url, settings.queue_name, settings.redis_timeout_s)
     try:
-        requeued = await store.requeue(
-            pool, delivery_ids=delivery_ids, statuses=statuses, since=since
-        )
-        shards = sorted({shard for _, shard in requeued})
-        woken = [await waker.wake(shard) for shard in shards]
+        if delivery_ids:
+            requeued = await store.requeue(
+                pool, delivery_ids=delivery_ids, statuses=statuses, since=since
+            )
+            per_shard = Counter(shard for _, shard in requeued)
+        else:
+            per_shard = Counter(await store.requeue_by_shard(pool, statuses=statuses, since=since))
+        woken = [await waker.wake(shard) for shard in sorted(per_shard)]
         if not all(woken):
             click.echo("Redis unreachable: the worker's sweeper will apply them shortly", err=True)
-        return len(requeued)
+        return sum(per_shard.values())
     finally:
         await waker.close()
         await pool.close()

@@ -665,6 +665,22 @@ async def requeue(
     return [(r["delivery_id"], r["shard"]) for r in rows]
 
 
+# The same UPDATE, answering how many per shard rather than a row per delivery: `replay` of a
+# large inbox may requeue millions.
+REQUEUE_BY_SHARD = f"""
+WITH requeued AS ({REQUEUE})
+SELECT shard, count(*) AS n FROM requeued GROUP BY shard ORDER BY shard
+"""
+
+
+async def requeue_by_shard(
+    conn: Executor, *, statuses: Sequence[str] | None, since: datetime | None
+) -> dict[int, int]:
+    """`requeue` by status and receipt time, for the `replay` command: deliveries per shard."""
+    rows = await conn.fetch(REQUEUE_BY_SHARD, None, statuses, since, None)
+    return {r["shard"]: r["n"] for r in rows}
+
+
 APPLIED_FOR_BUDDY = """
 SELECT d.seq, d.delivery_id, d.format, d.headers, d.body, d.signed_at
 FROM deliveries AS d JOIN delivery_states AS s ON s.seq = d.seq

@@ -82,6 +82,18 @@ class Process:
             return self.proc.wait()
 
 
+async def run_command(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`hatched-mirror <args>` as a user runs it, to completion (off the event loop)."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "service", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 @contextlib.contextmanager
 def serve(env: dict[str, str], log: Path) -> Iterator[str]:
     port = free_port()

@@ -16,7 +16,9 @@ import httpx
 import pytest
 
 from service import cli, store
-from tests.conftest import API_TOKEN, SECRET
+from service.config import Settings
+from tests.conftest import API_TOKEN, SECRET, running_worker, wait_settled
+from tests.harness import run_command, service_env
 
 CLI = [sys.executable, "-m", "service"]
 
@@ -236,6 +238,66 @@ async def test_a_migration_may_run_longer_than_the_command_timeout(
         finally:
             await bounded.close()
         assert (await cli._migrate(dsn, slow))[-1] == "9000_slow"
+
+
+async def _store_dead(server: str, db: store.Pool, delivery_id: str) -> None:
+    """A delivery the receiver stores as dead: a signed body that is not JSON."""
+    from service.signatures import signature_headers
+
+    body = b"not json"
+    headers = {
+        "X-Hatched-Delivery": delivery_id,
+        **signature_headers(body, SECRET, int(time.time()), "v2"),
+    }
+    async with httpx.AsyncClient(base_url=server) as http:
+        response = await http.post("/webhooks/hatched", content=body, headers=headers)
+    assert response.status_code == 202, response.text
+    assert await db.fetchval("SELECT status FROM inbox WHERE delivery_id = $1", delivery_id) == (
+        "dead"
+    )
+
+
+async def test_replay_requeues_dead_deliveries_and_the_worker_applies_them_again(
+    settings: Settings, server: str, db: store.Pool
+) -> None:
+    await _store_dead(server, db, "dead-cli-1")
+    result = await run_command(
+        service_env(settings.database_url or "", settings.redis_url or ""), "replay"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "requeued 1 deliveries" in result.stdout
+    assert await db.fetchval("SELECT status FROM delivery_states") == "accepted"
+    async with running_worker(settings):
+        await wait_settled(db)
+    # Applied once more: the body is still not JSON, so it is dead again, after one attempt.
+    row = await db.fetchrow("SELECT status, reason, attempts FROM inbox")
+    assert row is not None and dict(row) == {
+        "status": "dead",
+        "reason": "body_not_json",
+        "attempts": 1,
+    }
+
+
+async def test_replay_may_run_longer_than_the_command_timeout(
+    settings: Settings, server: str, db: store.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`replay --status all` on a large inbox is one long UPDATE; here a row lock held for
+    longer than the (lowered) statement limit makes it long."""
+    await _store_dead(server, db, "dead-cli-2")
+    monkeypatch.setattr(store, "COMMAND_TIMEOUT_S", 0.2)
+    async with db.acquire() as holder:
+        lock = holder.transaction()
+        await lock.start()
+        await holder.execute("SELECT 1 FROM delivery_states FOR UPDATE")
+
+        async def release() -> None:
+            await asyncio.sleep(0.6)
+            await lock.rollback()
+
+        releasing = asyncio.create_task(release())
+        assert await cli._replay(settings, None, None, None) == 1
+        await releasing
+    assert await db.fetchval("SELECT status FROM delivery_states") == "accepted"
 
 
 async def test_changed_migration_is_refused(

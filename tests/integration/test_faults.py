@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -19,7 +17,7 @@ from service.config import Settings
 from service.projector import mirrored
 from service.samples import build_delivery
 from tests.conftest import SECRET, make_settings, running_worker, wait_settled
-from tests.harness import Process, Proxy, send_like_hatched, serve, service_env
+from tests.harness import Process, Proxy, run_command, send_like_hatched, serve, service_env
 from tests.scenario import expected_states, learning_day, mirrored_states, signed
 
 pytestmark = pytest.mark.slow
@@ -226,14 +224,7 @@ async def test_rebuild_from_the_log_equals_the_live_state(
     before = await mirrored_states(db)
 
     env = service_env(settings.database_url or "", settings.redis_url or "")
-    rebuild = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "service", "rebuild"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    rebuild = await run_command(env, "rebuild")
     assert rebuild.returncode == 0, rebuild.stderr
     assert "rebuilt 20 buddies, 0 changed" in rebuild.stdout
     after = {
@@ -245,14 +236,7 @@ async def test_rebuild_from_the_log_equals_the_live_state(
     # Damage one buddy behind the service's back; a rebuild of it restores the live state.
     victim = sorted(before)[0]
     await db.execute("UPDATE buddies SET coins = -1, tokens = '{}' WHERE buddy_id = $1", victim)
-    rebuild = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "service", "rebuild", "--buddy-id", victim],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    rebuild = await run_command(env, "rebuild", "--buddy-id", victim)
     assert "1 changed" in rebuild.stdout
     restored = await mirrored_states(db)
     assert {b: mirrored(s) for b, s in restored.items()} == {
