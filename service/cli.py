@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import sys
-from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ def _settings(command: str, **overrides: Any) -> Settings:
 
 async def _migrate(dsn: str, sql_dir: Path = store.SQL_DIR) -> list[str]:
     # Unbounded: a migration takes as long as the data makes it (sql/0008 copies a row per
-    # stored delivery: minutes at 20,000,000, bench/BENCHMARKS.md, Upgrade). Cut off by the
+    # stored delivery: 38 s at 20,000,000, bench/BENCHMARKS.md, Upgrade). Cut off by the
     # pool's command timeout, it would roll back, and every later attempt would too.
     pool = await store.create_pool(dsn, size=1, timeout_s=10, bounded=False)
     try:
@@ -226,13 +225,9 @@ async def _replay(
     )
     waker = Waker(settings.redis_url, settings.queue_name, settings.redis_timeout_s)
     try:
-        if delivery_ids:
-            requeued = await store.requeue(
-                pool, delivery_ids=delivery_ids, statuses=statuses, since=since
-            )
-            per_shard = Counter(shard for _, shard in requeued)
-        else:
-            per_shard = Counter(await store.requeue_by_shard(pool, statuses=statuses, since=since))
+        per_shard = await store.requeue_by_shard(
+            pool, delivery_ids=delivery_ids, statuses=statuses, since=since
+        )
         woken = [await waker.wake(shard) for shard in sorted(per_shard)]
         if not all(woken):
             click.echo("Redis unreachable: the worker's sweeper will apply them shortly", err=True)

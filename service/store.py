@@ -362,7 +362,7 @@ CROSS JOIN LATERAL (
     ORDER BY s.seq LIMIT 1
 ) AS oldest
 JOIN deliveries AS d ON d.seq = oldest.seq
-WHERE due.shard IS NOT NULL AND d.received_at < now() - make_interval(secs => $1)
+WHERE d.received_at < now() - make_interval(secs => $1)
 """
 )
 
@@ -674,10 +674,20 @@ SELECT shard, count(*) AS n FROM requeued GROUP BY shard ORDER BY shard
 
 
 async def requeue_by_shard(
-    conn: Executor, *, statuses: Sequence[str] | None, since: datetime | None
+    conn: Executor,
+    *,
+    delivery_ids: Sequence[str] | None,
+    statuses: Sequence[str] | None,
+    since: datetime | None,
 ) -> dict[int, int]:
-    """`requeue` by status and receipt time, for the `replay` command: deliveries per shard."""
-    rows = await conn.fetch(REQUEUE_BY_SHARD, None, statuses, since, None)
+    """`requeue` for the `replay` command: how many deliveries it requeued, per shard."""
+    rows = await conn.fetch(
+        REQUEUE_BY_SHARD,
+        list(delivery_ids) if delivery_ids is not None else None,
+        list(statuses) if statuses is not None else None,
+        since,
+        None,
+    )
     return {r["shard"]: r["n"] for r in rows}
 
 
