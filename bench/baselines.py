@@ -36,10 +36,10 @@ from starlette.routing import Route
 from bench.load import SKILLS, buddy_ids
 from bench.procs import CpuMeter
 from service import store
+from service.apply.projector import STATE_FIELDS, Buddy, project
 from service.config import Settings
-from service.events import parse_delivery
-from service.projector import STATE_FIELDS, Buddy, project
-from service.signatures import SignatureError, Verified, verify
+from service.ingest.events import parse_delivery
+from service.ingest.signatures import SignatureError, Verified, verify
 
 SECRETS = ["whsec_bench_secret_0123456789"]
 ACCEPTED = b'{"status":"accepted"}'

@@ -15,9 +15,9 @@ import orjson
 from bench.load import Delivery
 from bench.procs import QUEUE, SECRET, BenchError, Proc
 from service import store
-from service.events import parse_delivery
-from service.queue import Waker, shard_of
-from service.signatures import verify
+from service.ingest.events import parse_delivery
+from service.ingest.signatures import verify
+from service.ingest.wakeups import Waker, shard_of
 
 COPY_BATCH = 5_000
 _KEPT_PREFIXES = ("x-hatched-", "hatched-")

@@ -20,7 +20,7 @@ import orjson
 
 from bench import wire
 from bench.probe import Prober
-from service.samples import build_delivery
+from service.dev.samples import build_delivery
 
 # Relative weights per event type: a language-learning app where most traffic is lesson
 # rewards (coins, skills, streak ticks) and the rare events (evolutions, items, hatching)

@@ -20,7 +20,7 @@ import httpx
 import orjson
 
 from bench import wire
-from service.samples import build_delivery
+from service.dev.samples import build_delivery
 
 POLL_S = 0.005
 # Far above any balance the generator produces, so a match can only be this probe's event.

@@ -13,7 +13,7 @@ from bench.common import Ctx, check_load, database, get_spec, judge, latency, se
 from bench.load import buddy_ids
 from bench.report import Section, Target, ratio, table
 from service import store
-from service.api import etag
+from service.read.etags import etag
 
 # --- read ----------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from bench.common import Ctx, check_load, database, get_spec, judge, seed_buddie
 from bench.load import buddy_ids, make_deliveries
 from bench.report import Section, Target, ratio, table
 from service import store
-from service.projector import STATE_FIELDS
+from service.apply.projector import STATE_FIELDS
 
 TEMPLATE_BUDDIES = 1_000
 CHUNK = 250_000

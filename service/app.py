@@ -16,16 +16,23 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from service import api, bootstrap, metrics, openapi, receiver, schemas, store
-from service.cache import BuddyCache
+from service import metrics, store
+from service.bootstrap import clients
+from service.bootstrap import routes as bootstrap_routes
 from service.config import Settings
-from service.inbox import Inbox
+from service.dev import demo as demo_page
+from service.ingest import receiver
+from service.ingest.inbox import Inbox
+from service.ingest.wakeups import Waker
 from service.logs import RequestIdMiddleware
-from service.openapi import CURSOR, Endpoint, Param, limit_param, text_param
-from service.problems import Problem
-from service.queue import Waker
+from service.problems import DATABASE_ERRORS, Problem, unavailable
+from service.read import openapi, schemas
+from service.read import routes as api
+from service.read.cache import BuddyCache
+from service.read.cached import CachedBuddyReads
+from service.read.openapi import CURSOR, Endpoint, Param, limit_param, text_param
+from service.read.stream import Broadcaster
 from service.state import AppState
-from service.stream import Broadcaster
 
 log = structlog.get_logger(__name__)
 
@@ -54,7 +61,7 @@ async def readyz_inbox(request: Request) -> Response:
 async def _postgres_ok(pool: store.Pool) -> bool:
     try:
         return bool(await pool.fetchval("SELECT 1"))
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+    except DATABASE_ERRORS:
         return False
 
 
@@ -63,7 +70,7 @@ async def metrics_endpoint(request: Request) -> Response:
     # Inbox gauges are read at scrape time, so any replica's /metrics shows the shared backlog.
     try:
         await metrics.refresh_inbox_gauges(state.pool)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DATABASE_ERRORS as exc:
         log.warning("metrics_inbox_unavailable", error=repr(exc))
     metrics.STREAM_CLIENTS.set(state.broadcaster.clients)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
@@ -90,15 +97,9 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
             "Invalid parameter",
             "a parameter holds a value the database cannot store (e.g. a NUL character)",
         ).response()
-    if isinstance(exc, (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)):
+    if isinstance(exc, DATABASE_ERRORS):
         log.error("database_unavailable", path=request.url.path, error=repr(exc))
-        return Problem(
-            503,
-            "unavailable",
-            "Service unavailable",
-            "the database is unreachable; retry later",
-            {"Retry-After": "5"},
-        ).response()
+        return unavailable("the database is unreachable; retry later").response()
     log.exception("unhandled_error", path=request.url.path)
     return Problem(500, "internal_error", "Internal error").response()
 
@@ -214,7 +215,7 @@ def endpoints(settings: Settings) -> list[Endpoint]:
             tag="operations",
         ),
     ]
-    read += bootstrap.endpoints(settings)
+    read += bootstrap_routes.endpoints(settings)
     if not settings.admin_tokens:
         return read
     admin = [
@@ -294,7 +295,7 @@ def create_app(settings: Settings, *, demo: bool = False) -> Starlette:
             settings=settings, pool=pool, waker=waker, broadcaster=broadcaster, inbox=inbox
         )
         try:
-            async with bootstrap.running(app, settings):
+            async with clients.running(app, settings):
                 yield
         finally:
             await inbox.close()
@@ -305,7 +306,7 @@ def create_app(settings: Settings, *, demo: bool = False) -> Starlette:
     routes = [ep.route() for ep in table]
     routes.append(Endpoint("GET", "/openapi.json", openapi_json, "", "none", {}).route())
     if demo:
-        routes.append(bootstrap.demo_route())
+        routes.append(demo_page.demo_route())
     middleware = [Middleware(RequestIdMiddleware)]
     if settings.cors_origins:
         middleware.append(
@@ -318,7 +319,7 @@ def create_app(settings: Settings, *, demo: bool = False) -> Starlette:
             )
         )
     # Innermost, so CORS and the request id still apply to what it answers.
-    middleware.append(Middleware(api.CachedBuddyReads))
+    middleware.append(Middleware(CachedBuddyReads))
     return Starlette(
         routes=routes,
         middleware=middleware,

@@ -95,7 +95,7 @@ def serve(host: str, port: int, workers: int) -> None:
 @main.command()
 def worker() -> None:
     """The arq worker: apply wake-ups, sweep."""
-    from service.worker import create_worker
+    from service.apply.worker import create_worker
 
     settings = _settings("worker")
     if settings.worker_metrics_port:
@@ -124,7 +124,7 @@ def dev(data_dir: str, host: str, port: int) -> None:
 
     Uses DATABASE_URL / REDIS_URL when set, else embedded Postgres and Redis under --data-dir.
     """
-    from service.embedded import embedded_services
+    from service.dev.embedded import embedded_services
 
     os.environ.setdefault("HATCHED_WEBHOOK_SECRETS", DEV_SECRET)
     os.environ.setdefault("MIRROR_API_TOKENS", DEV_API_TOKEN)
@@ -144,7 +144,7 @@ def dev(data_dir: str, host: str, port: int) -> None:
 
 def _run_dev(settings: Settings, host: str, port: int) -> None:
     from service.app import create_app
-    from service.worker import create_worker, stop
+    from service.apply.worker import create_worker, stop
 
     logs.configure(settings.log_format)
     assert settings.database_url is not None
@@ -215,7 +215,7 @@ async def _replay(
     since: datetime | None,
     delivery_ids: list[str] | None,
 ) -> int:
-    from service.queue import Waker
+    from service.ingest.wakeups import Waker
 
     assert settings.database_url is not None and settings.redis_url is not None
     # Unbounded: `--status all` or `--since` on a large inbox updates millions of rows in one
@@ -249,7 +249,7 @@ def rebuild(buddy_ids: tuple[str, ...]) -> None:
 async def _rebuild(settings: Settings, buddy_ids: list[str]) -> tuple[int, int]:
     from tqdm import tqdm
 
-    from service.applier import rebuild_buddy
+    from service.apply.applier import rebuild_buddy
 
     assert settings.database_url is not None
     pool = await store.create_pool(settings.database_url, size=2, timeout_s=settings.db_timeout_s)
@@ -279,7 +279,7 @@ async def _rebuild(settings: Settings, buddy_ids: list[str]) -> tuple[int, int]:
 @click.option("--all", "everything", is_flag=True, help="every active buddy of the account")
 def backfill(buddy_ids: tuple[str, ...], user_ids: tuple[str, ...], everything: bool) -> None:
     """Load buddies from Hatched's REST API (resumable; within the shared rate budget)."""
-    from service.backfill import Target
+    from service.hatched.backfill import Target
 
     if sum(map(bool, (buddy_ids, user_ids, everything))) != 1:
         raise click.UsageError("give exactly one of --buddy-id, --user-id or --all")
@@ -300,10 +300,11 @@ async def _backfill(settings: Settings, target: Any) -> int:
     from arq.connections import create_pool as create_redis
     from tqdm import tqdm
 
-    from service import backfill, metrics
-    from service.hatched_api import HatchedAPI
-    from service.queue import redis_settings
-    from service.ratelimit import RedisTokenBucket
+    from service import metrics
+    from service.hatched import backfill
+    from service.hatched.client import HatchedAPI
+    from service.hatched.ratelimit import RedisTokenBucket
+    from service.ingest.wakeups import redis_settings
 
     assert settings.database_url is not None and settings.redis_url is not None
     pool = await store.create_pool(settings.database_url, size=2, timeout_s=settings.db_timeout_s)
@@ -343,7 +344,7 @@ def send_test_event(
     event_type: str, buddy_id: str, url: str, fmt: str, secret: str | None, data_json: str | None
 ) -> None:
     """Sign and POST a sample delivery, the way `stripe trigger` does."""
-    from service.samples import SAMPLE_TYPES, build_delivery
+    from service.dev.samples import SAMPLE_TYPES, build_delivery
 
     try:
         secrets = load_settings().webhook_secrets

@@ -84,6 +84,11 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def bootstrap_stalled_after_s(self) -> float:
+        """A hatch whose poll is this overdue lost its job; the cron polls it."""
+        return max(3 * self.bootstrap_poll_every_s, 5.0)
+
+    @property
     def hatched_api_enabled(self) -> bool:
         return bool(self.hatched_api_url and self.hatched_api_key)
 

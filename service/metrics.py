@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 from service import store
-from service.events import KNOWN_TYPES
+from service.ingest.events import KNOWN_TYPES
 
 DELIVERIES = Counter(
     "hatched_deliveries_total",

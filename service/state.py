@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from service.config import Settings
-from service.inbox import Inbox
-from service.queue import Waker
+from service.ingest.inbox import Inbox
+from service.ingest.wakeups import Waker
+from service.read.stream import Broadcaster
 from service.store import Pool
-from service.stream import Broadcaster
 
 
 @dataclass

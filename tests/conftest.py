@@ -14,8 +14,8 @@ import uvicorn
 from starlette.applications import Starlette
 
 from service import store
+from service.apply.worker import create_worker, stop
 from service.config import Settings
-from service.worker import create_worker, stop
 from tests import services
 
 SECRET = "whsec_test_fixture_secret"

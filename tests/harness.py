@@ -17,7 +17,7 @@ from typing import Literal
 
 import httpx
 
-from service.signatures import signature_headers
+from service.ingest.signatures import signature_headers
 from tests.conftest import ADMIN_TOKEN, API_TOKEN, SECRET
 
 

@@ -8,10 +8,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from service import store
-from service.events import Event, parse_delivery
-from service.projector import Buddy, project
-from service.samples import build_delivery
-from service.signatures import verify
+from service.apply.projector import Buddy, project
+from service.dev.samples import build_delivery
+from service.ingest.events import Event, parse_delivery
+from service.ingest.signatures import verify
 from tests.conftest import SECRET
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)

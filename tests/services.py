@@ -26,7 +26,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Literal
 
-from service.embedded import embedded_postgres, embedded_redis
+from service.dev.embedded import embedded_postgres, embedded_redis
 
 __all__ = ["DATABASE_ENV", "REDIS_ENV", "database_url", "describe", "docker_available", "redis_url"]
 

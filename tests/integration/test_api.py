@@ -15,8 +15,8 @@ from starlette.routing import Route
 from service import store
 from service.app import create_app
 from service.config import Settings
-from service.samples import build_delivery
-from service.schemas import (
+from service.dev.samples import build_delivery
+from service.read.schemas import (
     BuddyOut,
     BuddyPage,
     DeliveryPage,
@@ -234,7 +234,7 @@ async def test_admin_lists_deliveries_and_replays_one(
     )
     assert len(page.data) == 7 and {d.status for d in page.data} == {"applied"}
     dead_body = b"nope"
-    from service.signatures import signature_headers
+    from service.ingest.signatures import signature_headers
 
     headers = {
         "X-Hatched-Delivery": "dead-1",

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import inspect
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -14,12 +12,17 @@ import pytest
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from starlette.applications import Starlette
 
-from service import bootstrap, hatching, openapi, store
-from service.bootstrap import EmbedTokenOut, HatchingOut, WidgetSessionOut
+from service import store
+from service.app import create_app
+from service.bootstrap import jobs as bootstrap_jobs
+from service.bootstrap import repository
+from service.bootstrap import routes as bootstrap_routes
+from service.bootstrap.schemas import EmbedTokenOut, HatchingOut, WidgetSessionOut
 from service.config import Settings
-from service.hatched_api import HatchedAPI
-from service.samples import build_delivery
-from service.schemas import BuddyOut, ProblemOut
+from service.dev.samples import build_delivery
+from service.hatched.client import HatchedAPI
+from service.read import openapi
+from service.read.schemas import BuddyOut, ProblemOut
 from tests.conftest import API_TOKEN, SECRET, make_settings, running_worker, serving, wait_until
 from tests.fake_hatched import DEFAULT_API_KEY, FakeHatched, buddy_json, serve_fake
 
@@ -28,27 +31,7 @@ USER = "user_first"
 
 
 def bootstrap_app(settings: Settings, *, demo: bool = False) -> Starlette:
-    """create_app with the bootstrap routes and clients, whether app.py wires them in yet or not
-    (once it does, this only passes `demo` on)."""
-    from service import app as app_module
-
-    create: Callable[..., Starlette] = app_module.create_app
-    takes_demo = "demo" in inspect.signature(create).parameters
-    app = create(settings, demo=demo) if takes_demo else create(settings)
-    paths = {getattr(route, "path", None) for route in app.routes}
-    if "/v1/users/{user_id}/buddy/stream" not in paths:
-        app.router.routes.extend(ep.route() for ep in bootstrap.endpoints(settings))
-        inner = app.router.lifespan_context
-
-        @contextlib.asynccontextmanager
-        async def lifespan(app: Starlette) -> AsyncIterator[None]:
-            async with inner(app), bootstrap.running(app, settings):
-                yield
-
-        app.router.lifespan_context = lifespan
-    if demo and "/demo" not in paths:
-        app.router.routes.append(bootstrap.demo_route())
-    return app
+    return create_app(settings, demo=demo)
 
 
 def with_knobs(settings: Settings, **knobs: float) -> Settings:
@@ -83,7 +66,7 @@ async def deliver_outbox(http: httpx.AsyncClient, fake: FakeHatched, start: int 
 
 
 async def row(pool: store.Pool, user_id: str = USER, key: str = "") -> dict[str, Any]:
-    found = await hatching.get_row(pool, user_id, key)
+    found = await repository.get_row(pool, user_id, key)
     assert found is not None
     return dict(found)
 
@@ -99,7 +82,7 @@ async def wait_outbox(fake: FakeHatched) -> None:
 
 async def wait_status(pool: store.Pool, status: str, user_id: str = USER, key: str = "") -> None:
     async def reached() -> bool:
-        found = await hatching.get_row(pool, user_id, key)
+        found = await repository.get_row(pool, user_id, key)
         return found is not None and found["status"] == status
 
     await wait_until(reached, within=15)
@@ -157,7 +140,7 @@ def job_ctx(
 
 async def queued_polls(redis: ArqRedis, settings: Settings) -> list[str]:
     jobs = await redis.zrange(settings.queue_name, 0, -1)
-    return [j.decode() for j in jobs if j.decode().startswith(hatching.POLL_JOB)]
+    return [j.decode() for j in jobs if j.decode().startswith(repository.POLL_JOB)]
 
 
 async def start(http: httpx.AsyncClient, user_id: str = USER, **body: Any) -> httpx.Response:
@@ -255,7 +238,7 @@ async def test_buddy_of_another_audience_is_completed_by_the_cron(
     assert response.status_code == 200, response.text
     assert response.json()["audience"] == "kids"
     async with HatchedAPI(fake_url, DEFAULT_API_KEY) as api:
-        await hatching.poll_stalled_hatches(job_ctx(boot_settings, pool, arq_redis, api))
+        await bootstrap_jobs.poll_stalled_hatches(job_ctx(boot_settings, pool, arq_redis, api))
     state = await row(pool)
     assert (state["status"], state["buddy_id"]) == ("completed", "buddy_kids")
     assert not fake.eggs
@@ -298,10 +281,10 @@ async def test_polling_fallback_finishes_without_the_webhook(
     async with HatchedAPI(fake_url, DEFAULT_API_KEY) as api:
         ctx = job_ctx(settings, pool, arq_redis, api)
         await arq_redis.delete(settings.queue_name)
-        assert await hatching.poll_operation(ctx, USER, "") == "pending"
+        assert await bootstrap_jobs.poll_operation(ctx, USER, "") == "pending"
         assert await queued_polls(arq_redis, settings)  # and re-queued itself
         fake.settle()  # the hatch completes; its buddy.hatched is never delivered
-        assert await hatching.poll_operation(ctx, USER, "") == "mirroring"
+        assert await bootstrap_jobs.poll_operation(ctx, USER, "") == "mirroring"
     assert fake.calls["GET /operations/{operation_id}"] == 2
     async with running_worker(boot_settings):
         await wait_status(pool, "completed")
@@ -323,12 +306,12 @@ async def test_poll_waits_for_its_time_and_stops_when_the_webhook_won(
     expect_202(await start(http))
     async with HatchedAPI(fake_url, DEFAULT_API_KEY) as api:
         ctx = job_ctx(boot_settings, pool, arq_redis, api)
-        assert await hatching.poll_operation(ctx, USER, "") == "waiting"  # poll_after_s=60
+        assert await bootstrap_jobs.poll_operation(ctx, USER, "") == "waiting"  # poll_after_s=60
         await wait_outbox(fake)
         async with running_worker(boot_settings):
             await deliver_outbox(http, fake)
             await wait_status(pool, "completed")
-        assert await hatching.poll_operation(ctx, USER, "") == "done"
+        assert await bootstrap_jobs.poll_operation(ctx, USER, "") == "done"
     assert fake.calls["GET /operations/{operation_id}"] == 0
 
 
@@ -350,11 +333,11 @@ async def test_stalled_hatch_is_polled_by_the_cron(
     await wait_outbox(fake)
     async with HatchedAPI(fake_url, DEFAULT_API_KEY) as api:
         ctx = job_ctx(settings, pool, arq_redis, api)
-        assert await hatching.poll_stalled_hatches(ctx) == 1
+        assert await bootstrap_jobs.poll_stalled_hatches(ctx) == 1
         assert (await row(pool))["status"] == "mirroring"
         async with running_worker(boot_settings):
             await wait_status(pool, "completed")
-        assert await hatching.poll_stalled_hatches(ctx) == 0
+        assert await bootstrap_jobs.poll_stalled_hatches(ctx) == 0
 
 
 async def test_failed_and_timed_out_hatches_are_reported_then_retried(
@@ -371,7 +354,7 @@ async def test_failed_and_timed_out_hatches_are_reported_then_retried(
     fake.settle()
     async with HatchedAPI(fake_url, DEFAULT_API_KEY) as api:
         ctx = job_ctx(settings, pool, arq_redis, api)
-        assert await hatching.poll_operation(ctx, USER, "") == "failed"
+        assert await bootstrap_jobs.poll_operation(ctx, USER, "") == "failed"
         failed = await row(pool)
         assert failed["error"]["code"] == "hatch_failed"
         assert failed["error"]["hatched_code"] == "hatch_failed"
@@ -384,7 +367,7 @@ async def test_failed_and_timed_out_hatches_are_reported_then_retried(
             " WHERE user_id = $1",
             USER,
         )
-        assert await hatching.poll_operation(ctx, USER, "") == "failed"
+        assert await bootstrap_jobs.poll_operation(ctx, USER, "") == "failed"
         assert (await row(pool))["error"]["code"] == "hatch_timeout"
 
 
@@ -673,7 +656,7 @@ async def test_not_configured_and_unauthorized(settings: Settings, pool: store.P
 
 
 def test_openapi_documents_the_bootstrap_routes(settings: Settings) -> None:
-    document = openapi.build(bootstrap.endpoints(settings))
+    document = openapi.build(bootstrap_routes.endpoints(settings))
     paths = document["paths"]
     assert set(paths) == {
         "/v1/users/{user_id}/buddy",

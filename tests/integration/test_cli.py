@@ -227,7 +227,7 @@ async def test_a_migration_may_run_longer_than_the_command_timeout(
 ) -> None:
     """Migrations on a large install take minutes; the service's statement limit must not cut
     them off (it would roll each attempt back)."""
-    monkeypatch.setattr(store, "COMMAND_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(store.pool, "COMMAND_TIMEOUT_S", 0.2)
     slow = sql_upto(tmp_path, "9999")
     (slow / "9000_slow.sql").write_text("SELECT pg_sleep(0.6);")
     async with scratch_database(database_url) as dsn:
@@ -242,7 +242,7 @@ async def test_a_migration_may_run_longer_than_the_command_timeout(
 
 async def _store_dead(server: str, db: store.Pool, delivery_id: str) -> None:
     """A delivery the receiver stores as dead: a signed body that is not JSON."""
-    from service.signatures import signature_headers
+    from service.ingest.signatures import signature_headers
 
     body = b"not json"
     headers = {
@@ -284,7 +284,7 @@ async def test_replay_may_run_longer_than_the_command_timeout(
     """`replay --status all` on a large inbox is one long UPDATE; here a row lock held for
     longer than the (lowered) statement limit makes it long."""
     await _store_dead(server, db, "dead-cli-2")
-    monkeypatch.setattr(store, "COMMAND_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(store.pool, "COMMAND_TIMEOUT_S", 0.2)
     async with db.acquire() as holder:
         lock = holder.transaction()
         await lock.start()

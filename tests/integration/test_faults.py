@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from service import store
+from service.apply.projector import mirrored
 from service.config import Settings
-from service.projector import mirrored
-from service.samples import build_delivery
+from service.dev.samples import build_delivery
 from tests.conftest import SECRET, make_settings, running_worker, wait_settled
 from tests.harness import Process, Proxy, run_command, send_like_hatched, serve, service_env
 from tests.scenario import expected_states, learning_day, mirrored_states, signed

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service import store
-from service.signatures import signature_headers
+from service.ingest.signatures import signature_headers
 from tests.conftest import SECRET
 from tests.harness import serve, service_env
 

@@ -12,15 +12,10 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from service.hatched_api import (
-    BudgetExhausted,
-    HatchedAPI,
-    HatchedAPIError,
-    HatchedUnavailable,
-    RateLimited,
-)
-from service.ratelimit import RedisTokenBucket
-from service.samples import build_delivery
+from service.dev.samples import build_delivery
+from service.hatched.client import HatchedAPI
+from service.hatched.errors import BudgetExhausted, HatchedAPIError, HatchedUnavailable, RateLimited
+from service.hatched.ratelimit import RedisTokenBucket
 from tests.conftest import wait_until
 from tests.fake_hatched import FakeHatched, buddy_json, serve_fake
 

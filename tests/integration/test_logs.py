@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 
 from service import store
-from service.samples import build_delivery
+from service.dev.samples import build_delivery
 from tests.conftest import ADMIN_TOKEN, API_TOKEN, SECRET
 from tests.harness import serve, service_env
 

@@ -13,8 +13,8 @@ import pytest
 
 from service import store
 from service.app import create_app
-from service.samples import build_delivery
-from service.signatures import signature_headers
+from service.dev.samples import build_delivery
+from service.ingest.signatures import signature_headers
 from tests.conftest import SECOND_SECRET, SECRET, make_settings, serving
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "hatched"

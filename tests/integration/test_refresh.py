@@ -13,15 +13,17 @@ import httpx
 import pytest
 from arq.connections import create_pool
 
-from service import refresh, store
+from service import store
 from service.app import create_app
+from service.apply.projector import public_view
+from service.apply.worker import reconcile
 from service.config import Settings
-from service.hatched_api import HatchedAPI, RemoteBuddy
-from service.projector import public_view
-from service.queue import redis_settings
-from service.ratelimit import RedisTokenBucket
-from service.samples import build_delivery
-from service.worker import reconcile
+from service.dev.samples import build_delivery
+from service.hatched import refresh
+from service.hatched.client import HatchedAPI
+from service.hatched.ratelimit import RedisTokenBucket
+from service.hatched.remote import RemoteBuddy
+from service.ingest.wakeups import redis_settings
 from tests.conftest import ADMIN_TOKEN, SECRET, make_settings, running_worker, serving, wait_settled
 from tests.fake_hatched import FakeHatched, buddy_json, serve_fake
 from tests.harness import service_env
@@ -64,8 +66,8 @@ async def post(url: str, deliveries: list[tuple[dict[str, str], bytes]]) -> list
 
 def truth(world: FakeHatched, buddy_id: str) -> dict[str, Any]:
     """The fake's buddy, seen through the mirror's mapping and public shape."""
-    from service.events import Event
-    from service.projector import project
+    from service.apply.projector import project
+    from service.ingest.events import Event
 
     remote = RemoteBuddy.from_json(world.buddies[buddy_id])
     data = {name: getattr(remote, name) for name in RemoteBuddy.__dataclass_fields__}
@@ -226,7 +228,7 @@ async def test_two_workers_share_one_budget(
 
 
 async def refresh_request(arq: Any, settings: Settings, buddy_id: str) -> None:
-    from service.queue import request_refresh
+    from service.hatched.debounce import request_refresh
 
     await request_refresh(arq, settings.queue_name, buddy_id, priority=False)
 

@@ -12,12 +12,12 @@ import pytest
 
 from service import store
 from service.app import create_app
-from service.applier import ApplyLimits
+from service.apply.applier import ApplyLimits
+from service.apply.projector import mirrored
+from service.apply.worker import apply_idle_shards
 from service.config import Settings
-from service.projector import mirrored
-from service.samples import build_delivery
-from service.signatures import signature_headers
-from service.worker import apply_idle_shards
+from service.dev.samples import build_delivery
+from service.ingest.signatures import signature_headers
 from tests.conftest import SECRET, make_settings, running_worker, serving, wait_settled
 from tests.scenario import expected_states, learning_day, mirrored_states, signed
 

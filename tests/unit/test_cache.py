@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
-from service.api import CachedBuddyReads
-from service.cache import BuddyCache
+from service.read.cache import BuddyCache
+from service.read.cached import CachedBuddyReads
 
 
 def test_hit_after_put() -> None:
@@ -57,7 +57,7 @@ def test_disabled_cache_stores_nothing() -> None:
     assert not cache.enabled and cache.get("b1") is None
 
 
-# The read fast path in front of the router (service/api.py CachedBuddyReads).
+# The read fast path in front of the router (service/read/cached.py).
 
 TOKEN = "read-token"
 

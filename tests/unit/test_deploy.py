@@ -26,7 +26,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from service import metrics
-from service import worker as worker_module
+from service.apply import worker as worker_module
 from service.config import Settings
 
 # PyYAML comes with uvicorn[standard]; imported this way so mypy needs no types-PyYAML stubs.

@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from service.embedded import (
+from service.dev.embedded import (
     embedded_services,
     postgres_data_dir,
     redis_data_dir,

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from service.events import KNOWN_TYPES, TYPE_ALIASES, Format, Parsed, parse_delivery
+from service.ingest.events import KNOWN_TYPES, TYPE_ALIASES, Format, Parsed, parse_delivery
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "hatched"
 FIXTURE_FILES = sorted(p.name for p in FIXTURES.glob("*.json"))

@@ -11,18 +11,17 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from service.hatched_api import (
+from service.hatched.client import HatchedAPI
+from service.hatched.errors import (
     BudgetExhausted,
-    HatchedAPI,
     HatchedAPIError,
     HatchedUnavailable,
     RateLimited,
-    RemoteBuddy,
     error_from_response,
-    next_cursor,
     parse_retry_after,
 )
-from service.ratelimit import RedisTokenBucket
+from service.hatched.ratelimit import RedisTokenBucket
+from service.hatched.remote import RemoteBuddy, next_cursor
 
 REST_BUDDY: dict[str, Any] = {
     "buddy_id": "buddy_1",

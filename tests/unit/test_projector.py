@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.events import KNOWN_TYPES, Event, Format, parse_delivery
-from service.projector import Buddy, Outcome, iso, mirrored, order_key, project, public_view
-from service.samples import build_delivery
+from service.apply.projector import Buddy, Outcome, iso, mirrored, order_key, project, public_view
+from service.dev.samples import build_delivery
+from service.ingest.events import KNOWN_TYPES, Event, Format, parse_delivery
 
 BUDDY = "buddy_01HXA7Q2M9K3"
 SECRET = "whsec_unit_projector"

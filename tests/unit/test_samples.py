@@ -9,9 +9,9 @@ from typing import Any
 import orjson
 import pytest
 
-from service.events import KNOWN_TYPES, TYPE_ALIASES, Format, Parsed, parse_delivery
-from service.samples import SAMPLE_TYPES, V1_TEMPLATES, V2_TEMPLATES, build_delivery
-from service.signatures import verify
+from service.dev.samples import SAMPLE_TYPES, V1_TEMPLATES, V2_TEMPLATES, build_delivery
+from service.ingest.events import KNOWN_TYPES, TYPE_ALIASES, Format, Parsed, parse_delivery
+from service.ingest.signatures import verify
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "hatched"
 FIXTURE_FILES = sorted(p.name for p in FIXTURES.glob("*.json"))

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from starlette.datastructures import Headers
 
-from service.signatures import SignatureError, sign, signature_headers, verify
+from service.ingest.signatures import SignatureError, sign, signature_headers, verify
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "hatched"
 FIXTURE_FILES = sorted(p.name for p in FIXTURES.glob("*.json"))

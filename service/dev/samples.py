@@ -16,8 +16,8 @@ from typing import Any
 
 import orjson
 
-from service.events import IMAGE_KEY_MAP, KNOWN_TYPES, TYPE_ALIASES, V1_KEY_MAP, Format
-from service.signatures import signature_headers
+from service.ingest.events import IMAGE_KEY_MAP, KNOWN_TYPES, TYPE_ALIASES, V1_KEY_MAP, Format
+from service.ingest.signatures import signature_headers
 
 DEFAULT_BUDDY_ID = "buddy_01HXA7Q2M9K3"
 SAMPLE_CUSTOMER_ID = "cus_01HX9Z3W5Y7A"

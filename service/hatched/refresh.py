@@ -12,9 +12,9 @@ from datetime import UTC, datetime
 import orjson
 
 from service import store
-from service.events import Event, Parsed
-from service.hatched_api import RemoteBuddy
-from service.queue import shard_of
+from service.hatched.remote import RemoteBuddy
+from service.ingest.events import Event, Parsed
+from service.ingest.wakeups import shard_of
 
 REFRESH_EVENT = "buddy.refreshed"
 

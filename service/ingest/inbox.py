@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Coroutine
 
 from service import store
-from service.queue import Waker
+from service.ingest.wakeups import Waker
 
 
 class Inbox:

@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from service import __version__
-from service.schemas import ProblemOut
+from service.read.schemas import ProblemOut
 
 Handler = Callable[[Request], Awaitable[Response]]
 Auth = Literal["none", "api", "admin", "signature"]

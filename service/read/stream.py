@@ -16,7 +16,8 @@ import asyncpg
 import structlog
 
 from service import store
-from service.cache import BuddyCache
+from service.problems import DATABASE_ERRORS
+from service.read.cache import BuddyCache
 
 log = structlog.get_logger(__name__)
 
@@ -83,7 +84,7 @@ class Broadcaster:
                 self._poke_all()
                 await lost.wait()
                 log.warning("stream_listener_lost")
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DATABASE_ERRORS as exc:
                 log.warning("stream_listener_unavailable", error=repr(exc))
             finally:
                 self.connected.clear()

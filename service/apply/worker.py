@@ -19,21 +19,17 @@ from arq import cron
 from arq.worker import Retry, Worker, func
 from redis.exceptions import RedisError
 
-from service import hatching, metrics, refresh, store
-from service.applier import ApplyLimits, BatchResult, apply_batch, drain_shards
+from service import metrics, store
+from service.apply.applier import ApplyLimits, BatchResult, apply_batch, drain_shards
+from service.bootstrap import jobs as bootstrap_jobs
+from service.bootstrap import repository
 from service.config import Settings
-from service.hatched_api import BudgetExhausted, HatchedAPI, HatchedAPIError
-from service.queue import (
-    APPLY_JOB,
-    REFRESH_JOB,
-    redis_settings,
-    refresh_due_in,
-    request_refresh,
-    shard_of,
-    wake,
-    wake_key,
-)
-from service.ratelimit import RedisTokenBucket
+from service.hatched import refresh
+from service.hatched.client import HatchedAPI
+from service.hatched.debounce import REFRESH_JOB, refresh_due_in, request_refresh
+from service.hatched.errors import BudgetExhausted, HatchedAPIError
+from service.hatched.ratelimit import RedisTokenBucket
+from service.ingest.wakeups import APPLY_JOB, redis_settings, shard_of, wake, wake_key
 
 log = structlog.get_logger(__name__)
 
@@ -294,13 +290,13 @@ def create_worker(
         functions=[
             func(apply_shard, name=APPLY_JOB, max_tries=1000),
             func(refresh_buddy, name=REFRESH_JOB, max_tries=MAX_REFRESH_DEFERRALS + 1),
-            func(hatching.poll_operation, name=hatching.POLL_JOB, max_tries=3),
+            func(bootstrap_jobs.poll_operation, name=repository.POLL_JOB, max_tries=3),
         ],
         cron_jobs=[
             cron(sweep, second=set(range(0, 60, every)), run_at_startup=True),
             cron(prune, minute=set(range(0, 60, 10)), second=30),
             cron(reconcile, second=15),
-            cron(hatching.poll_stalled_hatches, second=set(range(0, 60, 5))),
+            cron(bootstrap_jobs.poll_stalled_hatches, second=set(range(0, 60, 5))),
         ],
         redis_settings=redis_settings(settings.redis_url, settings.redis_timeout_s),
         queue_name=settings.queue_name,

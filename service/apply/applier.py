@@ -15,9 +15,9 @@ import asyncpg
 import structlog
 
 from service import store
-from service.events import Event, Parsed, parse_delivery
-from service.projector import Buddy, mirrored, project
-from service.refresh import REFRESH_EVENT, parse_snapshot
+from service.apply.projector import Buddy, mirrored, project
+from service.hatched.refresh import REFRESH_EVENT, parse_snapshot
+from service.ingest.events import Event, Parsed, parse_delivery
 
 log = structlog.get_logger(__name__)
 

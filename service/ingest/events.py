@@ -6,15 +6,15 @@ it again on the stored raw bytes, so a later version of this module can re-read 
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 
 import orjson
+
+from service.coerce import as_utc, iso_time, snake_case
 
 # Canonical event types the projector understands. Anything else is kept as `unmapped`.
 KNOWN_TYPES = frozenset(
@@ -89,8 +89,6 @@ V1_KEY_MAP: dict[str, str] = {
 IMAGE_KEY_MAP: dict[str, str] = {"url": "image_url", "stage": "evolution_stage"}
 
 _BALANCE_TYPES = frozenset({"coins.earned", "coins.spent", "token.earned", "token.spent"})
-_ACRONYM_RE = re.compile(r"([A-Z]+)([A-Z][a-z])")
-_CAMEL_RE = re.compile(r"([a-z0-9])([A-Z])")
 
 
 def parse_delivery(
@@ -101,7 +99,7 @@ def parse_delivery(
     Never raises on bad input: anything unusable comes back with status "dead" and a reason.
     `headers` is read with lower-case names only.
     """
-    signed_at = _as_utc(signed_at)
+    signed_at = as_utc(signed_at)
     if fmt == "v2":
         delivery_header = "x-hatched-delivery"
         type_header = "x-hatched-event"
@@ -131,7 +129,7 @@ def parse_delivery(
         if not isinstance(payload, dict):
             return _dead(delivery_id, "data_not_object", raw_type)
         event_id = _nonempty_str(doc.get("eventId"))
-        created_at = _parse_time(doc.get("createdAt"))
+        created_at = iso_time(doc.get("createdAt"))
 
     if raw_type is None:
         return _dead(delivery_id, "no_event_type", None)
@@ -156,8 +154,8 @@ def parse_delivery(
 
     occurred_at = (
         created_at
-        or _parse_time(data.get("occurred_at"))
-        or _parse_time(data.get("awarded_at"))
+        or iso_time(data.get("occurred_at"))
+        or iso_time(data.get("awarded_at"))
         or signed_at
     )
     event = Event(
@@ -174,18 +172,6 @@ def parse_delivery(
     return Parsed(
         delivery_id, "unmapped", f"unknown_event_type:{event_type}", raw_type, buddy_id, event
     )
-
-
-def snake_case(key: str) -> str:
-    """camelCase (or PascalCase, with acronyms) to snake_case; snake_case keys pass through."""
-    return _snake_case_cached(key)
-
-
-@functools.lru_cache(maxsize=1024)
-def _snake_case_cached(key: str) -> str:
-    if key.islower() or not any(c.isupper() for c in key):
-        return key
-    return _CAMEL_RE.sub(r"\1_\2", _ACRONYM_RE.sub(r"\1_\2", key)).lower()
 
 
 def _normalise_data(payload: dict[str, Any]) -> dict[str, Any]:
@@ -234,20 +220,3 @@ def _nonempty_str(value: object) -> str | None:
         if value:
             return value
     return None
-
-
-def _parse_time(value: object) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return _as_utc(parsed)
-
-
-def _as_utc(value: datetime) -> datetime:
-    # Hatched sends UTC; a naive value can only have come from our own code assuming the same.
-    if value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)

@@ -5,17 +5,15 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
-import asyncpg
-import orjson
 import structlog
 from starlette.requests import Request
 from starlette.responses import Response
 
 from service import metrics, store
-from service.events import parse_delivery
-from service.problems import Problem, unavailable
-from service.queue import shard_of
-from service.signatures import SignatureError, verify
+from service.ingest.events import parse_delivery
+from service.ingest.signatures import SignatureError, verify
+from service.ingest.wakeups import shard_of
+from service.problems import DATABASE_ERRORS, Problem, json_response, unavailable
 from service.state import AppState
 
 log = structlog.get_logger(__name__)
@@ -80,7 +78,7 @@ async def receive(request: Request) -> Response:
     )
     try:
         seq = await state.inbox.store(delivery)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DATABASE_ERRORS as exc:
         log.error("inbox_unavailable", error=repr(exc))
         metrics.DELIVERIES.labels(type=metrics.type_label(delivery.event_type), outcome="503").inc()
         raise unavailable("the inbox database is unreachable; retry later") from None
@@ -90,14 +88,10 @@ async def receive(request: Request) -> Response:
             type=metrics.type_label(delivery.event_type), outcome="duplicate"
         ).inc()
         log.info("delivery_duplicate")
-        return _json({"delivery_id": parsed.delivery_id, "status": "duplicate"}, 200)
+        return json_response({"delivery_id": parsed.delivery_id, "status": "duplicate"}, 200)
 
     metrics.DELIVERIES.labels(
         type=metrics.type_label(delivery.event_type), outcome=parsed.status
     ).inc()
     log.info("delivery_stored", seq=seq, status=parsed.status, reason=parsed.reason)
-    return _json({"delivery_id": parsed.delivery_id, "status": parsed.status}, 202)
-
-
-def _json(payload: dict[str, str], status: int) -> Response:
-    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+    return json_response({"delivery_id": parsed.delivery_id, "status": parsed.status}, 202)

@@ -13,12 +13,19 @@ import orjson
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import store
-from service.auth import authorized, require_token
-from service.problems import Problem
-from service.projector import Buddy, iso, public_view
+from service.apply.projector import Buddy, iso, public_view
+from service.auth import require_token
+from service.problems import (
+    Problem,
+    buddy_not_found,
+    invalid_parameter,
+    json_response,
+    too_many_streams,
+    unavailable,
+)
+from service.read.etags import etag, rendered
 from service.state import AppState
 
 T = TypeVar("T")
@@ -26,10 +33,6 @@ T = TypeVar("T")
 MAX_LIMIT = 200
 DEFAULT_LIMIT = 50
 DELIVERY_STATUSES = ("accepted", "applied", "duplicate", "unmapped", "dead")
-
-
-def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(payload), status, headers, media_type="application/json")
 
 
 def _reader(request: Request) -> AppState:
@@ -44,23 +47,19 @@ def _admin(request: Request) -> AppState:
     return state
 
 
-def _bad(name: str, detail: str) -> Problem:
-    return Problem(400, "invalid_parameter", f"Invalid parameter `{name}`", f"`{name}`: {detail}")
-
-
 def _limit(request: Request) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
         return DEFAULT_LIMIT
     if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
-        raise _bad("limit", f"must be an integer from 1 to {MAX_LIMIT}")
+        raise invalid_parameter("limit", f"must be an integer from 1 to {MAX_LIMIT}")
     return int(raw)
 
 
 def _text(request: Request, name: str) -> str | None:
     value = request.query_params.get(name)
     if value is not None and (not value or len(value) > 256 or "\x00" in value):
-        raise _bad(name, "must be 1 to 256 characters, without NUL")
+        raise invalid_parameter(name, "must be 1 to 256 characters, without NUL")
     return value
 
 
@@ -93,7 +92,7 @@ def _page(
     """One page of a list queried with `limit + 1` rows: the extra row says a next page exists."""
     page = rows[:limit]
     next_cursor = encode_cursor(key(page[-1])) if len(rows) > limit else None
-    return _json({"data": [render(r) for r in page], "next_cursor": next_cursor})
+    return json_response({"data": [render(r) for r in page], "next_cursor": next_cursor})
 
 
 def _delivery_fields(r: asyncpg.Record) -> dict[str, Any]:
@@ -112,36 +111,10 @@ def _by_seq(r: asyncpg.Record) -> list[Any]:
     return [r["seq"]]
 
 
-def etag(buddy_id: str, version: int) -> str:
-    return f'"{buddy_id}.{version}"'
-
-
-def _matches(if_none_match: str | None, tag: str) -> bool:
-    if not if_none_match:
-        return False
-    candidates = [c.strip().removeprefix("W/") for c in if_none_match.split(",")]
-    return "*" in candidates or tag in candidates
-
-
-def too_many_streams() -> Problem:
-    """A process at its MIRROR_STREAM_MAX_CLIENTS, for buddy and user streams alike."""
-    return Problem(
-        503,
-        "too_many_streams",
-        "Too many live streams",
-        "this process serves its maximum of live streams; retry later",
-        {"Retry-After": "5"},
-    )
-
-
-def _not_found(buddy_id: str) -> Problem:
-    return Problem(404, "buddy_not_found", "Buddy not found", f"no buddy {buddy_id!r} mirrored")
-
-
 def _buddy_response(request: Request, found: tuple[Buddy, int, datetime]) -> Response:
     buddy, version, updated_at = found
     body = orjson.dumps(public_view(buddy, version, updated_at))
-    return _rendered(request, etag(buddy.buddy_id, version), body)
+    return rendered(request, etag(buddy.buddy_id, version), body)
 
 
 async def get_buddy(request: Request) -> Response:
@@ -150,76 +123,17 @@ async def get_buddy(request: Request) -> Response:
     cache = state.broadcaster.cache
     live = cache.enabled and state.broadcaster.connected.is_set()
     if live and (hit := cache.get(buddy_id)) is not None:
-        return _rendered(request, *hit)
+        return rendered(request, *hit)
     token = cache.token(buddy_id)
     found = await store.get_buddy(state.pool, buddy_id)
     if found is None:
-        raise _not_found(buddy_id)
+        raise buddy_not_found(f"no buddy {buddy_id!r} mirrored")
     buddy, version, updated_at = found
     tag = etag(buddy_id, version)
     body = orjson.dumps(public_view(buddy, version, updated_at))
     if live:
         cache.put(buddy_id, token, tag, body)
-    return _rendered(request, tag, body)
-
-
-def _rendered(request: Request, tag: str, body: bytes) -> Response:
-    headers = {"ETag": tag, "Cache-Control": "no-cache"}
-    if _matches(request.headers.get("if-none-match"), tag):
-        return Response(status_code=304, headers=headers)
-    return Response(body, headers=headers, media_type="application/json")
-
-
-_BUDDY_PREFIX = "/v1/buddies/"
-
-
-class CachedBuddyReads:
-    """ASGI middleware: `GET /v1/buddies/{id}` answered from the read cache before routing.
-
-    The hottest route, and on a hit its whole work is a dictionary lookup, so what it costs is
-    the framework around it: routing, the exception layer, Request and Response objects. A hit
-    with a valid token is answered here with the very bytes and headers `get_buddy` sends;
-    anything else (a miss, no or a wrong token, another path or method, a mounted root_path)
-    goes on to the router unchanged, so errors keep their one implementation there.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "GET" and not scope.get("root_path"):
-            path: str = scope["path"]
-            buddy_id = path[len(_BUDDY_PREFIX) :]
-            if path.startswith(_BUDDY_PREFIX) and buddy_id and "/" not in buddy_id:
-                state: AppState = scope["app"].state.mirror
-                cache = state.broadcaster.cache
-                hit = cache.get(buddy_id) if state.broadcaster.connected.is_set() else None
-                if hit is not None and await _send_cached(scope, send, state, *hit):
-                    return
-        await self.app(scope, receive, send)
-
-
-async def _send_cached(scope: Scope, send: Send, state: AppState, tag: str, body: bytes) -> bool:
-    authorization = if_none_match = ""
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            authorization = value.decode("latin-1")
-        elif name == b"if-none-match":
-            if_none_match = value.decode("latin-1")
-    if not authorized(authorization, state.settings.api_tokens):
-        return False
-    headers = [(b"etag", tag.encode()), (b"cache-control", b"no-cache")]
-    if _matches(if_none_match, tag):
-        await send({"type": "http.response.start", "status": 304, "headers": headers})
-        await send({"type": "http.response.body", "body": b""})
-        return True
-    headers += [
-        (b"content-length", str(len(body)).encode()),
-        (b"content-type", b"application/json"),
-    ]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-    return True
+    return rendered(request, tag, body)
 
 
 async def list_buddies(request: Request) -> Response:
@@ -241,15 +155,13 @@ async def user_buddy(request: Request) -> Response:
     user_id = request.path_params["user_id"]
     found = await store.user_buddy(state.pool, user_id, _text(request, "audience"))
     if found is None:
-        raise Problem(
-            404, "buddy_not_found", "Buddy not found", f"no buddy mirrored for user {user_id!r}"
-        )
+        raise buddy_not_found(f"no buddy mirrored for user {user_id!r}")
     return _buddy_response(request, found)
 
 
 async def _require_buddy(state: AppState, buddy_id: str) -> None:
     if await store.get_version(state.pool, buddy_id) is None:
-        raise _not_found(buddy_id)
+        raise buddy_not_found(f"no buddy {buddy_id!r} mirrored")
 
 
 async def ledger(request: Request) -> Response:
@@ -306,7 +218,7 @@ async def list_deliveries(request: Request) -> Response:
     cursor = _cursor(request, (int,))
     status = request.query_params.get("status")
     if status is not None and status not in DELIVERY_STATUSES:
-        raise _bad("status", f"must be one of {', '.join(DELIVERY_STATUSES)}")
+        raise invalid_parameter("status", f"must be one of {', '.join(DELIVERY_STATUSES)}")
     rows = await store.list_deliveries(
         state.pool,
         status=status,
@@ -337,7 +249,7 @@ async def replay_delivery(request: Request) -> Response:
             404, "delivery_not_found", "Delivery not found", f"no delivery {delivery_id!r} stored"
         )
     await state.waker.wake(requeued[0][1])
-    return _json({"status": "queued", "delivery_id": delivery_id}, 202)
+    return json_response({"status": "queued", "delivery_id": delivery_id}, 202)
 
 
 async def refresh_buddy(request: Request) -> Response:
@@ -351,14 +263,8 @@ async def refresh_buddy(request: Request) -> Response:
             "set HATCHED_API_URL and HATCHED_API_KEY to refresh buddies from Hatched",
         )
     if not await state.waker.request_refresh(buddy_id, priority=True):
-        raise Problem(
-            503,
-            "unavailable",
-            "Service unavailable",
-            "could not queue the refresh; retry later",
-            {"Retry-After": "5"},
-        )
-    return _json({"status": "queued", "buddy_id": buddy_id}, 202)
+        raise unavailable("could not queue the refresh; retry later")
+    return json_response({"status": "queued", "buddy_id": buddy_id}, 202)
 
 
 async def stream_buddy(request: Request) -> Response:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from service.events import Event
+from service.coerce import integer, text
+from service.ingest.events import Event
 
 # (occurred_at in epoch microseconds, inbox seq): the seq breaks ties by receipt order.
 Key = tuple[int, int]
@@ -164,25 +165,6 @@ def _newer(buddy: Buddy, path: str, key: Key) -> bool:
     return True
 
 
-def _int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            return None
-    return None
-
-
-def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
 def _parse_time(value: Any) -> datetime | None:
     if not isinstance(value, str):
         return None
@@ -202,24 +184,26 @@ def _apply(outcome: Outcome, event: Event, seq: int) -> None:
     if buddy.last_event_at is None or event.occurred_at > buddy.last_event_at:
         buddy.last_event_at = event.occurred_at
     # Any event may carry the owner; the hatch is just the usual one.
-    user_id = _str(data.get("user_id"))
+    user_id = text(data.get("user_id"))
     if user_id is not None and _newer(buddy, "user_id", key):
         buddy.user_id = user_id
 
     if kind == "buddy.hatched":
         _hatched(buddy, event, key)
     elif kind == "buddy.evolved":
-        stage = _int(data.get("new_stage"))
+        stage = integer(data.get("new_stage"))
         if stage is None:
-            stage = _int(data.get("evolution_stage"))
-        _stage(buddy, stage, _str(data.get("image_url")), key)
+            stage = integer(data.get("evolution_stage"))
+        _stage(buddy, stage, text(data.get("image_url")), key)
     elif kind in ("coins.earned", "coins.spent", "token.earned", "token.spent"):
         _currency(outcome, event, seq, key)
     elif kind == "skill.leveled":
-        _skill(buddy, data, key, level=_int(data.get("to_level")), value=_int(data.get("value")))
+        _skill(
+            buddy, data, key, level=integer(data.get("to_level")), value=integer(data.get("value"))
+        )
     elif kind == "skill.decayed":
-        level = _int(data.get("new_level", data.get("level")))
-        _skill(buddy, data, key, level=level, value=_int(data.get("new_value")))
+        level = integer(data.get("new_level", data.get("level")))
+        _skill(buddy, data, key, level=level, value=integer(data.get("new_value")))
     elif kind in ("badge.ready", "badge.awarded"):
         _badge(buddy, event, key)
     elif kind.startswith("streak."):
@@ -233,15 +217,15 @@ def _apply(outcome: Outcome, event: Event, seq: int) -> None:
 def _hatched(buddy: Buddy, event: Event, key: Key) -> None:
     data = event.data
     for name in ("egg_id", "name", "audience", "config_version_id", "thumb_url"):
-        value = _str(data.get(name))
+        value = text(data.get(name))
         if value is not None and _newer(buddy, name, key):
             setattr(buddy, name, value)
     if _newer(buddy, "hatched_at", key):
         buddy.hatched_at = event.occurred_at
     if _newer(buddy, "status", key):
         buddy.status = "active"
-    stage = _int(data.get("evolution_stage"))
-    _stage(buddy, stage if stage is not None else 1, _str(data.get("image_url")), key)
+    stage = integer(data.get("evolution_stage"))
+    _stage(buddy, stage if stage is not None else 1, text(data.get("image_url")), key)
 
 
 def _stage(buddy: Buddy, stage: int | None, image_url: str | None, key: Key) -> None:
@@ -260,12 +244,12 @@ def _stage(buddy: Buddy, stage: int | None, image_url: str | None, key: Key) -> 
 def _currency(outcome: Outcome, event: Event, seq: int, key: Key) -> None:
     buddy, data = outcome.buddy, event.data
     is_coins = event.type.startswith("coins.")
-    currency = "coins" if is_coins else _str(data.get("token_type"))
-    amount = _int(data.get("amount"))
+    currency = "coins" if is_coins else text(data.get("token_type"))
+    amount = integer(data.get("amount"))
     if currency is None or amount is None:
         return
     signed = -abs(amount) if event.type.endswith(".spent") else abs(amount)
-    balance = _int(data.get("balance"))
+    balance = integer(data.get("balance"))
     outcome.ledger.append(
         LedgerEntry(
             delivery_id=event.delivery_id,
@@ -274,9 +258,9 @@ def _currency(outcome: Outcome, event: Event, seq: int, key: Key) -> None:
             currency=currency,
             amount=signed,
             balance_after=balance,
-            reason=_str(data.get("reason")),
-            reference_id=_str(data.get("reference_id")),
-            ledger_id=_str(data.get("ledger_id")),
+            reason=text(data.get("reason")),
+            reference_id=text(data.get("reference_id")),
+            ledger_id=text(data.get("ledger_id")),
             is_lucky=data.get("is_lucky") if isinstance(data.get("is_lucky"), bool) else None,
             occurred_at=event.occurred_at,
         )
@@ -332,7 +316,7 @@ def _balance(entry: dict[str, Any]) -> int:
 def _skill(
     buddy: Buddy, data: dict[str, Any], key: Key, *, level: int | None, value: int | None
 ) -> None:
-    skill_key = _str(data.get("skill_key"))
+    skill_key = text(data.get("skill_key"))
     if skill_key is None:
         return
     skill = dict(buddy.skills.get(skill_key, {"value": None, "level": None}))
@@ -344,7 +328,7 @@ def _skill(
 
 
 def _badge(buddy: Buddy, event: Event, key: Key) -> None:
-    badge_id = _str(event.data.get("badge_id"))
+    badge_id = text(event.data.get("badge_id"))
     if badge_id is None:
         return
     status = "awarded" if event.type == "badge.awarded" else "ready"
@@ -362,17 +346,17 @@ def _badge(buddy: Buddy, event: Event, key: Key) -> None:
 
 def _streak(buddy: Buddy, event: Event, key: Key) -> None:
     data = event.data
-    streak_key = _str(data.get("streak_key"))
+    streak_key = text(data.get("streak_key"))
     if streak_key is None:
         return
     streak = dict(buddy.streaks.get(streak_key, {"count": None, "last_milestone": None}))
-    count = _int(data.get("count"))
+    count = integer(data.get("count"))
     if event.type == "streak.burned" and count is None:
         count = 0
     if count is not None and _newer(buddy, f"streak:{streak_key}:count", key):
         streak["count"] = count
     if event.type == "streak.milestone":
-        milestone = _int(data.get("milestone"))
+        milestone = integer(data.get("milestone"))
         milestone = milestone if milestone is not None else count
         if milestone is not None and _newer(buddy, f"streak:{streak_key}:milestone", key):
             streak["last_milestone"] = milestone
@@ -380,7 +364,7 @@ def _streak(buddy: Buddy, event: Event, key: Key) -> None:
 
 
 def _item(buddy: Buddy, event: Event, key: Key) -> None:
-    item_id = _str(event.data.get("item_id"))
+    item_id = text(event.data.get("item_id"))
     if item_id is None:
         return
     # Ownership only grows through webhooks; a REST refresh is the way to drop items.
@@ -416,22 +400,22 @@ def _refreshed(outcome: Outcome, event: Event, key: Key) -> None:
     buddy, data = outcome.buddy, event.data
     before = {name: getattr(buddy, name) for name in _MIRRORED}
     for name in _SNAPSHOT_TEXT:
-        value = _str(data.get(name))
+        value = text(data.get(name))
         if value is not None and _newer(buddy, name, key):
             setattr(buddy, name, value)
-    _stage(buddy, _int(data.get("evolution_stage")), _str(data.get("image_url")), key)
-    if (coins := _int(data.get("coins"))) is not None:
+    _stage(buddy, integer(data.get("evolution_stage")), text(data.get("image_url")), key)
+    if (coins := integer(data.get("coins"))) is not None:
         _move(buddy, "coins", key, balance=coins, signed=None)
     for token, balance in (data.get("tokens") or {}).items():
-        if (amount := _int(balance)) is not None:
+        if (amount := integer(balance)) is not None:
             _move(buddy, str(token), key, balance=amount, signed=None)
     for skill_key, skill in (data.get("skills") or {}).items():
         _skill(
             buddy,
             {"skill_key": skill_key},
             key,
-            level=_int(skill.get("level")),
-            value=_int(skill.get("value")),
+            level=integer(skill.get("level")),
+            value=integer(skill.get("value")),
         )
     for badge_id, badge in (data.get("badges") or {}).items():
         rank = [_BADGE_RANK.get(badge.get("status"), 2), *key]
@@ -446,11 +430,11 @@ def _refreshed(outcome: Outcome, event: Event, key: Key) -> None:
         current_streak = dict(
             buddy.streaks.get(streak_key, {"count": None, "last_milestone": None})
         )
-        if (count := _int(streak.get("count"))) is not None and _newer(
+        if (count := integer(streak.get("count"))) is not None and _newer(
             buddy, f"streak:{streak_key}:count", key
         ):
             current_streak["count"] = count
-        milestone = _int(streak.get("last_milestone"))
+        milestone = integer(streak.get("last_milestone"))
         if milestone is not None and _newer(buddy, f"streak:{streak_key}:milestone", key):
             current_streak["last_milestone"] = milestone
         buddy.streaks = {**buddy.streaks, streak_key: current_streak}

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 
 from arq.connections import ArqRedis
 
-from service import refresh, store
-from service.hatched_api import HatchedAPI, RemoteBuddy
-from service.queue import shard_of, wake
+from service import store
+from service.hatched import refresh
+from service.hatched.client import HatchedAPI
+from service.hatched.remote import RemoteBuddy
+from service.ingest.wakeups import shard_of, wake
 
 
 @dataclass(frozen=True)

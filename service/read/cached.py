@@ -1,0 +1,60 @@
+"""Buddy reads answered from the per-process cache, in front of the router."""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.auth import authorized
+from service.read.etags import matches
+from service.state import AppState
+
+_BUDDY_PREFIX = "/v1/buddies/"
+
+
+class CachedBuddyReads:
+    """ASGI middleware: `GET /v1/buddies/{id}` answered from the read cache before routing.
+
+    The hottest route, and on a hit its whole work is a dictionary lookup, so what it costs is
+    the framework around it: routing, the exception layer, Request and Response objects. A hit
+    with a valid token is answered here with the very bytes and headers `get_buddy` sends;
+    anything else (a miss, no or a wrong token, another path or method, a mounted root_path)
+    goes on to the router unchanged, so errors keep their one implementation there.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET" and not scope.get("root_path"):
+            path: str = scope["path"]
+            buddy_id = path[len(_BUDDY_PREFIX) :]
+            if path.startswith(_BUDDY_PREFIX) and buddy_id and "/" not in buddy_id:
+                state: AppState = scope["app"].state.mirror
+                cache = state.broadcaster.cache
+                hit = cache.get(buddy_id) if state.broadcaster.connected.is_set() else None
+                if hit is not None and await _send_cached(scope, send, state, *hit):
+                    return
+        await self.app(scope, receive, send)
+
+
+async def _send_cached(scope: Scope, send: Send, state: AppState, tag: str, body: bytes) -> bool:
+    authorization = if_none_match = ""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            authorization = value.decode("latin-1")
+        elif name == b"if-none-match":
+            if_none_match = value.decode("latin-1")
+    if not authorized(authorization, state.settings.api_tokens):
+        return False
+    headers = [(b"etag", tag.encode()), (b"cache-control", b"no-cache")]
+    if matches(if_none_match, tag):
+        await send({"type": "http.response.start", "status": 304, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+        return True
+    headers += [
+        (b"content-length", str(len(body)).encode()),
+        (b"content-type", b"application/json"),
+    ]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+    return True

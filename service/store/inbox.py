@@ -1,0 +1,381 @@
+"""The inbox: stored deliveries (`deliveries`) and their outcomes (`delivery_states`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+import orjson
+
+from service.store.pool import Conn, Executor
+
+# Shard locks live in their own advisory-lock space (two-key form) so they never meet the above.
+SHARD_LOCK_SPACE = 73_112
+
+
+# --- the inbox -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NewDelivery:
+    delivery_id: str
+    format: str
+    event_type: str | None
+    event_id: str | None
+    buddy_id: str | None
+    shard: int
+    occurred_at: datetime | None
+    signed_at: datetime
+    headers: dict[str, str]
+    body: bytes
+    status: str
+    reason: str | None
+
+    def row(self) -> tuple[object, ...]:
+        """Its columns in INSERT_DELIVERIES's order, the headers as JSON text."""
+        return (
+            self.delivery_id,
+            self.format,
+            self.event_type,
+            self.event_id,
+            self.buddy_id,
+            self.shard,
+            self.occurred_at,
+            self.signed_at,
+            orjson.dumps(self.headers).decode(),
+            self.body,
+            self.status,
+            self.reason,
+        )
+
+
+async def insert_delivery(conn: Executor, d: NewDelivery) -> int | None:
+    """The seq of the stored row, or None when the delivery id was already stored."""
+    return (await insert_deliveries(conn, [d]))[0]
+
+
+# The raw delivery and its state row in one statement: both or neither. Only rows that were
+# new (not an ON CONFLICT skip) get a state row, joined back by their delivery id, which the
+# caller made unique within the batch.
+INSERT_DELIVERIES = """
+WITH x AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
+                         $7::timestamptz[], $8::timestamptz[], $9::text[], $10::bytea[],
+                         $11::text[], $12::text[]) AS x(d, f, t, e, b, s, o, sa, h, body, st, r)
+), stored AS (
+    INSERT INTO deliveries (delivery_id, format, event_type, event_id, buddy_id, shard,
+                            occurred_at, signed_at, headers, body)
+    SELECT d, f, t, e, b, s, o, sa, h::jsonb, body FROM x
+    ON CONFLICT (delivery_id) DO NOTHING
+    RETURNING delivery_id, seq, shard, event_id
+), states AS (
+    INSERT INTO delivery_states (seq, shard, event_id, status, reason, applied_at)
+    SELECT stored.seq, stored.shard, stored.event_id, x.st, x.r,
+           CASE WHEN x.st = 'accepted' THEN NULL ELSE now() END
+    FROM stored JOIN x ON x.d = stored.delivery_id
+)
+SELECT delivery_id, seq FROM stored
+"""
+
+
+async def insert_deliveries(conn: Executor, batch: Sequence[NewDelivery]) -> list[int | None]:
+    """Store many deliveries in one statement; for each, its seq or None if already stored
+    (a delivery id repeated inside the batch counts as stored by its first occurrence)."""
+    first: dict[str, NewDelivery] = {}
+    for d in batch:
+        first.setdefault(d.delivery_id, d)
+    rows = list(first.values())
+    columns: list[list[object]] = [[] for _ in range(12)]
+    for d in rows:
+        values = d.row()
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    stored = {r["delivery_id"]: r["seq"] for r in await conn.fetch(INSERT_DELIVERIES, *columns)}
+    out: list[int | None] = []
+    for d in batch:
+        out.append(stored.pop(d.delivery_id, None))
+    return out
+
+
+# A delivery the worker may apply now: pending, and not backing off after a failed attempt.
+# Every query below reads it as `delivery_states AS s`; `status = 'accepted'` is the pending
+# index's predicate, so each of them can take that index.
+_DUE = "s.status = 'accepted' AND (s.next_attempt_at IS NULL OR s.next_attempt_at <= now())"
+
+
+# Up to $2 due deliveries from each of the shards $1 (each an index range of the pending
+# index), locked, in receipt order: a buddy's deliveries share a shard, so each buddy's come
+# in order. One shard for a wake-up job; several when a job takes on idle shards.
+CLAIM_BATCH = f"""
+SELECT c.seq, sh.shard, d.delivery_id, d.format, d.headers, d.body, d.signed_at, c.attempts
+FROM unnest($1::int[]) AS sh(shard)
+CROSS JOIN LATERAL (
+    SELECT s.seq, s.attempts FROM delivery_states AS s
+    WHERE s.shard = sh.shard AND {_DUE}
+    ORDER BY s.seq
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+) AS c
+JOIN deliveries AS d ON d.seq = c.seq
+ORDER BY c.seq
+"""
+
+
+async def claim_batch(conn: Conn, shards: Sequence[int], per_shard: int) -> list[asyncpg.Record]:
+    return list(await conn.fetch(CLAIM_BATCH, list(shards), per_shard))
+
+
+CLAIM_SEQS = """
+SELECT s.seq, d.delivery_id, d.format, d.headers, d.body, d.signed_at, s.attempts
+FROM delivery_states AS s JOIN deliveries AS d ON d.seq = s.seq
+WHERE s.seq = ANY($1::bigint[]) AND s.status = 'accepted'
+ORDER BY s.seq
+FOR UPDATE OF s SKIP LOCKED
+"""
+
+
+async def claim_seqs(conn: Conn, seqs: Sequence[int]) -> list[asyncpg.Record]:
+    return list(await conn.fetch(CLAIM_SEQS, list(seqs)))
+
+
+# Probes of the unique index delivery_states_applied_event_idx (sql/0006, 0008), written
+# exactly as its expression and predicate so the planner takes it: at most one row per id,
+# statistics or not.
+SEEN_EVENT_IDS = """
+SELECT event_id FROM delivery_states
+WHERE event_id IS NOT NULL
+  AND (CASE WHEN status = 'applied' THEN event_id END) = ANY($1::text[])
+"""
+
+
+async def seen_event_ids(conn: Conn, event_ids: Sequence[str]) -> set[str]:
+    if not event_ids:
+        return set()
+    return {r["event_id"] for r in await conn.fetch(SEEN_EVENT_IDS, list(event_ids))}
+
+
+def _finish_deliveries(seqs: str, statuses: str, reasons: str) -> str:
+    return f"""
+UPDATE delivery_states AS d
+SET status = u.status, reason = u.reason, attempts = d.attempts + 1,
+    applied_at = now(), next_attempt_at = NULL
+FROM unnest({seqs}::bigint[], {statuses}::text[], {reasons}::text[]) AS u(seq, status, reason)
+WHERE d.seq = u.seq
+"""
+
+
+RETRY_DELIVERIES = """
+UPDATE delivery_states
+SET attempts = attempts + 1, reason = $2,
+    status = CASE WHEN attempts + 1 >= $3 THEN 'dead' ELSE 'accepted' END,
+    applied_at = CASE WHEN attempts + 1 >= $3 THEN now() END,
+    next_attempt_at = CASE WHEN attempts + 1 >= $3 THEN NULL
+                      ELSE now() + make_interval(secs => $4 * power(2, attempts)) END
+WHERE seq = ANY($1::bigint[])
+"""
+
+
+async def retry_deliveries(
+    conn: Conn, seqs: Sequence[int], reason: str, max_attempts: int, backoff_s: float
+) -> None:
+    """A failed attempt: back off exponentially, and give up as `dead` after `max_attempts`."""
+    await conn.execute(RETRY_DELIVERIES, list(seqs), reason, max_attempts, backoff_s)
+
+
+TRY_LOCK_SHARDS = f"""
+SELECT shard FROM unnest($1::int[]) AS shard WHERE pg_try_advisory_lock({SHARD_LOCK_SPACE}, shard)
+"""
+LOCK_SHARD = f"SELECT pg_advisory_lock({SHARD_LOCK_SPACE}, $1)"
+UNLOCK_SHARDS = f"SELECT pg_advisory_unlock({SHARD_LOCK_SPACE}, s) FROM unnest($1::int[]) AS s"
+
+
+async def lock_shard(conn: Conn, shard: int) -> None:
+    """Wait for the shard's lock: the job holding it is draining the shard."""
+    await conn.execute(LOCK_SHARD, shard)
+
+
+async def try_lock_shards(conn: Conn, shards: Sequence[int]) -> list[int]:
+    """Those of `shards` whose lock this session now holds (the others are being drained)."""
+    return [r["shard"] for r in await conn.fetch(TRY_LOCK_SHARDS, list(shards))]
+
+
+async def unlock_shards(conn: Conn, shards: Sequence[int]) -> None:
+    await conn.execute(UNLOCK_SHARDS, list(shards))
+
+
+# Distinct shards by hopping along the pending index (one probe per shard found), rather than
+# reading every pending entry: during a large backlog every finishing job asks this.
+DUE_SHARDS_CTE = f"""
+WITH RECURSIVE due AS (
+    (SELECT s.shard FROM delivery_states AS s WHERE {_DUE} ORDER BY s.shard LIMIT 1)
+    UNION ALL
+    SELECT (SELECT s.shard FROM delivery_states AS s
+            WHERE {_DUE} AND s.shard > due.shard
+            ORDER BY s.shard LIMIT 1)
+    FROM due WHERE due.shard IS NOT NULL
+)
+"""
+DUE_SHARDS = DUE_SHARDS_CTE + "SELECT shard FROM due WHERE shard IS NOT NULL"
+
+
+async def due_shards(conn: Executor) -> list[int]:
+    """Shards holding deliveries that may be applied now."""
+    return [r["shard"] for r in await conn.fetch(DUE_SHARDS)]
+
+
+# Each due shard's oldest due delivery (seq is receipt order) decides whether it is late.
+STALLED_SHARDS = (
+    DUE_SHARDS_CTE
+    + f"""
+SELECT due.shard
+FROM due
+CROSS JOIN LATERAL (
+    SELECT s.seq FROM delivery_states AS s
+    WHERE s.shard = due.shard AND {_DUE}
+    ORDER BY s.seq LIMIT 1
+) AS oldest
+JOIN deliveries AS d ON d.seq = oldest.seq
+WHERE d.received_at < now() - make_interval(secs => $1)
+"""
+)
+
+
+async def stalled_shards(conn: Executor, older_than_s: float) -> list[int]:
+    return [r["shard"] for r in await conn.fetch(STALLED_SHARDS, older_than_s)]
+
+
+# The oldest pending delivery is the one with the lowest seq (receipt order).
+INBOX_STATS = """
+SELECT s.pending, s.dead,
+       coalesce(extract(epoch FROM now() - (SELECT received_at FROM deliveries
+                                            WHERE seq = s.oldest)), 0)::float8 AS lag_s
+FROM (
+    SELECT count(*) FILTER (WHERE status = 'accepted') AS pending,
+           min(seq) FILTER (WHERE status = 'accepted') AS oldest,
+           count(*) FILTER (WHERE status = 'dead') AS dead
+    FROM delivery_states
+    WHERE status IN ('accepted', 'dead')
+) AS s
+"""
+
+
+async def inbox_stats(conn: Executor) -> tuple[int, float, int]:
+    """(pending deliveries, age of the oldest pending in seconds, dead deliveries)."""
+    row = await conn.fetchrow(INBOX_STATS)
+    assert row is not None
+    return row["pending"], row["lag_s"], row["dead"]
+
+
+PRUNE_APPLIED = """
+WITH gone AS (
+    DELETE FROM delivery_states
+    WHERE seq IN (
+        SELECT seq FROM delivery_states
+        WHERE status = 'applied' AND applied_at < now() - make_interval(secs => $1)
+        ORDER BY applied_at
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING seq
+)
+DELETE FROM deliveries WHERE seq IN (SELECT seq FROM gone)
+"""
+
+
+async def prune_applied(conn: Executor, older_than_s: float, limit: int) -> int:
+    result = await conn.execute(PRUNE_APPLIED, older_than_s, limit)
+    return int(result.split()[-1])
+
+
+LIST_DELIVERIES = """
+SELECT d.seq, d.delivery_id, s.status, s.reason, s.attempts, d.event_type, d.buddy_id, d.format,
+       d.occurred_at, d.received_at, s.applied_at
+FROM deliveries AS d JOIN delivery_states AS s ON s.seq = d.seq
+WHERE ($1::text IS NULL OR s.status = $1)
+  AND ($2::text IS NULL OR d.buddy_id = $2)
+  AND ($3::bigint IS NULL OR d.seq < $3)
+ORDER BY d.seq DESC
+LIMIT $4
+"""
+
+
+async def list_deliveries(
+    conn: Executor, *, status: str | None, buddy_id: str | None, before: int | None, limit: int
+) -> list[asyncpg.Record]:
+    return list(await conn.fetch(LIST_DELIVERIES, status, buddy_id, before, limit))
+
+
+REQUEUE = """
+UPDATE delivery_states AS s
+SET status = 'accepted', attempts = 0, next_attempt_at = NULL, applied_at = NULL, reason = NULL
+FROM deliveries AS d
+WHERE d.seq = s.seq
+  AND ($1::text[] IS NULL OR d.delivery_id = ANY($1))
+  AND ($2::text[] IS NULL OR s.status = ANY($2))
+  AND ($3::timestamptz IS NULL OR d.received_at >= $3)
+  AND ($4::text[] IS NULL OR d.buddy_id = ANY($4))
+RETURNING d.delivery_id, s.shard
+"""
+
+
+async def requeue(
+    conn: Executor,
+    *,
+    delivery_ids: Sequence[str] | None = None,
+    statuses: Sequence[str] | None = None,
+    since: datetime | None = None,
+    buddy_ids: Sequence[str] | None = None,
+) -> list[tuple[str, int]]:
+    """Put stored deliveries back to `accepted` so the worker applies them again.
+
+    Safe for applied ones too: the projector ignores what a field already saw, and the ledger
+    keeps one row per delivery.
+    """
+    rows = await conn.fetch(
+        REQUEUE,
+        list(delivery_ids) if delivery_ids is not None else None,
+        list(statuses) if statuses is not None else None,
+        since,
+        list(buddy_ids) if buddy_ids is not None else None,
+    )
+    return [(r["delivery_id"], r["shard"]) for r in rows]
+
+
+# The same UPDATE, answering how many per shard rather than a row per delivery: `replay` of a
+# large inbox may requeue millions.
+REQUEUE_BY_SHARD = f"""
+WITH requeued AS ({REQUEUE})
+SELECT shard, count(*) AS n FROM requeued GROUP BY shard ORDER BY shard
+"""
+
+
+async def requeue_by_shard(
+    conn: Executor,
+    *,
+    delivery_ids: Sequence[str] | None,
+    statuses: Sequence[str] | None,
+    since: datetime | None,
+) -> dict[int, int]:
+    """`requeue` for the `replay` command: how many deliveries it requeued, per shard."""
+    rows = await conn.fetch(
+        REQUEUE_BY_SHARD,
+        list(delivery_ids) if delivery_ids is not None else None,
+        list(statuses) if statuses is not None else None,
+        since,
+        None,
+    )
+    return {r["shard"]: r["n"] for r in rows}
+
+
+APPLIED_FOR_BUDDY = """
+SELECT d.seq, d.delivery_id, d.format, d.headers, d.body, d.signed_at
+FROM deliveries AS d JOIN delivery_states AS s ON s.seq = d.seq
+WHERE d.buddy_id = $1 AND s.status = 'applied'
+ORDER BY d.seq
+"""
+
+
+async def applied_deliveries(conn: Executor, buddy_id: str) -> list[asyncpg.Record]:
+    return list(await conn.fetch(APPLIED_FOR_BUDDY, buddy_id))
