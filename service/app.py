@@ -22,6 +22,7 @@ from service.bootstrap import routes as bootstrap_routes
 from service.config import Settings
 from service.dev import demo as demo_page
 from service.ingest import receiver
+from service.ingest.events import DELIVERY_STATUSES
 from service.ingest.inbox import Inbox
 from service.ingest.wakeups import Waker
 from service.logs import RequestIdMiddleware
@@ -227,7 +228,7 @@ def endpoints(settings: Settings) -> list[Endpoint]:
             "admin",
             {200: schemas.DeliveryPage},
             params=[
-                Param("status", "query", {"type": "string", "enum": list(api.DELIVERY_STATUSES)}),
+                Param("status", "query", {"type": "string", "enum": list(DELIVERY_STATUSES)}),
                 text_param("buddy_id"),
                 limit_param(),
                 CURSOR,
@@ -266,7 +267,6 @@ def endpoints(settings: Settings) -> list[Endpoint]:
 
 def create_app(settings: Settings, *, demo: bool = False) -> Starlette:
     """`demo`: also serve the bootstrap example page at /demo (`hatched-mirror dev` only)."""
-    assert settings.database_url is not None and settings.redis_url is not None
     table = endpoints(settings)
     document = orjson.dumps(openapi.build(table))
 
@@ -275,16 +275,15 @@ def create_app(settings: Settings, *, demo: bool = False) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        assert settings.database_url is not None and settings.redis_url is not None
         pool = await store.create_pool(
-            settings.database_url,
+            settings.postgres_dsn,
             size=settings.db_pool_size,
             timeout_s=settings.db_timeout_s,
             stateless=True,
         )
-        waker = Waker(settings.redis_url, settings.queue_name, settings.redis_timeout_s)
+        waker = Waker(settings.redis_dsn, settings.queue_name, settings.redis_timeout_s)
         broadcaster = Broadcaster(
-            settings.database_url,
+            settings.postgres_dsn,
             settings.stream_max_clients,
             settings.db_timeout_s,
             BuddyCache(settings.read_cache_size),

@@ -57,9 +57,8 @@ def main() -> None:
 def migrate() -> None:
     """Apply sql/ migrations (idempotent; safe with several replicas at once)."""
     settings = _settings("migrate")
-    assert settings.database_url is not None
     try:
-        applied = asyncio.run(_migrate(settings.database_url))
+        applied = asyncio.run(_migrate(settings.postgres_dsn))
     except store.MigrationError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
@@ -147,8 +146,7 @@ def _run_dev(settings: Settings, host: str, port: int) -> None:
     from service.apply.worker import create_worker, stop
 
     logs.configure(settings.log_format)
-    assert settings.database_url is not None
-    asyncio.run(_migrate(settings.database_url))
+    asyncio.run(_migrate(settings.postgres_dsn))
     url = f"http://{host}:{port}"
     click.echo(
         "\n".join(
@@ -217,13 +215,12 @@ async def _replay(
 ) -> int:
     from service.ingest.wakeups import Waker
 
-    assert settings.database_url is not None and settings.redis_url is not None
     # Unbounded: `--status all` or `--since` on a large inbox updates millions of rows in one
     # statement, far longer than the service's statement limit.
     pool = await store.create_pool(
-        settings.database_url, size=2, timeout_s=settings.db_timeout_s, bounded=False
+        settings.postgres_dsn, size=2, timeout_s=settings.db_timeout_s, bounded=False
     )
-    waker = Waker(settings.redis_url, settings.queue_name, settings.redis_timeout_s)
+    waker = Waker(settings.redis_dsn, settings.queue_name, settings.redis_timeout_s)
     try:
         per_shard = await store.requeue_by_shard(
             pool, delivery_ids=delivery_ids, statuses=statuses, since=since
@@ -251,8 +248,7 @@ async def _rebuild(settings: Settings, buddy_ids: list[str]) -> tuple[int, int]:
 
     from service.apply.applier import rebuild_buddy
 
-    assert settings.database_url is not None
-    pool = await store.create_pool(settings.database_url, size=2, timeout_s=settings.db_timeout_s)
+    pool = await store.create_pool(settings.postgres_dsn, size=2, timeout_s=settings.db_timeout_s)
     changed = total = 0
     try:
         async with pool.acquire() as conn:
@@ -306,10 +302,9 @@ async def _backfill(settings: Settings, target: Any) -> int:
     from service.hatched.ratelimit import RedisTokenBucket
     from service.ingest.wakeups import redis_settings
 
-    assert settings.database_url is not None and settings.redis_url is not None
-    pool = await store.create_pool(settings.database_url, size=2, timeout_s=settings.db_timeout_s)
+    pool = await store.create_pool(settings.postgres_dsn, size=2, timeout_s=settings.db_timeout_s)
     redis = await create_redis(
-        redis_settings(settings.redis_url, settings.redis_timeout_s),
+        redis_settings(settings.redis_dsn, settings.redis_timeout_s),
         default_queue_name=settings.queue_name,
     )
     bucket = RedisTokenBucket(redis, settings.hatched_api_rate_per_min)

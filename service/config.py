@@ -89,6 +89,20 @@ class Settings(BaseSettings):
         return max(3 * self.bootstrap_poll_every_s, 5.0)
 
     @property
+    def postgres_dsn(self) -> str:
+        """DATABASE_URL, for code that only runs once a command has required it."""
+        if self.database_url is None:
+            raise ConfigError("DATABASE_URL is not set")
+        return self.database_url
+
+    @property
+    def redis_dsn(self) -> str:
+        """REDIS_URL, for code that only runs once a command has required it."""
+        if self.redis_url is None:
+            raise ConfigError("REDIS_URL is not set")
+        return self.redis_url
+
+    @property
     def hatched_api_enabled(self) -> bool:
         return bool(self.hatched_api_url and self.hatched_api_key)
 

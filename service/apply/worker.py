@@ -11,6 +11,7 @@ import random
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -21,6 +22,7 @@ from redis.exceptions import RedisError
 
 from service import metrics, store
 from service.apply.applier import ApplyLimits, BatchResult, apply_batch, drain_shards
+from service.apply.context import WorkerContext
 from service.bootstrap import jobs as bootstrap_jobs
 from service.bootstrap import repository
 from service.config import Settings
@@ -34,11 +36,10 @@ from service.ingest.wakeups import APPLY_JOB, redis_settings, shard_of, wake, wa
 log = structlog.get_logger(__name__)
 
 
-async def startup(ctx: dict[str, Any]) -> None:
+async def startup(ctx: WorkerContext) -> None:
     settings: Settings = ctx["settings"]
-    assert settings.database_url is not None
     ctx["pool"] = await store.create_pool(
-        settings.database_url, size=settings.db_pool_size, timeout_s=settings.db_timeout_s
+        settings.postgres_dsn, size=settings.db_pool_size, timeout_s=settings.db_timeout_s
     )
     ctx["limits"] = ApplyLimits(
         batch_size=settings.apply_batch_size,
@@ -60,15 +61,16 @@ async def startup(ctx: dict[str, Any]) -> None:
         )
 
 
-async def shutdown(ctx: dict[str, Any]) -> None:
-    if ctx.get("hatched") is not None:
-        await ctx["hatched"].aclose()
+async def shutdown(ctx: WorkerContext) -> None:
+    hatched = ctx.get("hatched")
+    if hatched is not None:
+        await hatched.aclose()
     pool = ctx.get("pool")
     if pool is not None:
         await pool.close()
 
 
-async def apply_shard(ctx: dict[str, Any], shard: int) -> int:
+async def apply_shard(ctx: WorkerContext, shard: int) -> int:
     """Drain one shard. Holding the shard's advisory lock serialises jobs of the same shard."""
     settings: Settings = ctx["settings"]
     started = time.perf_counter()
@@ -141,7 +143,7 @@ async def apply_idle_shards(conn: store.Conn, limits: ApplyLimits) -> BatchResul
 MAX_REFRESH_DEFERRALS = 10
 
 
-async def _schedule_refreshes(ctx: dict[str, Any], result: BatchResult) -> None:
+async def _schedule_refreshes(ctx: WorkerContext, result: BatchResult) -> None:
     """With the REST API on: a broken balance check asks for a refresh now, with priority;
     any buddy webhooks moved gets one once its deliveries settle (one per burst, coalesced)."""
     settings: Settings = ctx["settings"]
@@ -162,7 +164,7 @@ async def _schedule_refreshes(ctx: dict[str, Any], result: BatchResult) -> None:
             )
 
 
-async def refresh_buddy(ctx: dict[str, Any], buddy_id: str, priority: bool = False) -> str:
+async def refresh_buddy(ctx: WorkerContext, buddy_id: str, priority: bool = False) -> str:
     """Fetch one buddy from Hatched and put the snapshot in the inbox, to apply like any other
     delivery. A failure leaves mirrored state exactly as it was."""
     settings: Settings = ctx["settings"]
@@ -197,7 +199,7 @@ async def refresh_buddy(ctx: dict[str, Any], buddy_id: str, priority: bool = Fal
     return "stored"
 
 
-async def reconcile(ctx: dict[str, Any]) -> int:
+async def reconcile(ctx: WorkerContext) -> int:
     """Refresh the buddies refreshed longest ago (never first), within a share of the budget.
 
     Heals what webhooks alone cannot: deliveries Hatched gave up on while the mirror was down.
@@ -215,7 +217,7 @@ async def reconcile(ctx: dict[str, Any]) -> int:
     return len(due)
 
 
-async def sweep(ctx: dict[str, Any]) -> int:
+async def sweep(ctx: WorkerContext) -> int:
     """Re-wake shards whose deliveries waited too long: a lost wake-up or a Redis outage."""
     settings: Settings = ctx["settings"]
     pool = ctx["pool"]
@@ -229,7 +231,7 @@ async def sweep(ctx: dict[str, Any]) -> int:
     return len(shards)
 
 
-async def prune(ctx: dict[str, Any]) -> int:
+async def prune(ctx: WorkerContext) -> int:
     """Delete applied deliveries past retention, in small batches so no lock is held for long.
 
     Dead and unmapped deliveries stay until they are replayed or purged on purpose; the ledger
@@ -281,27 +283,31 @@ class MirrorWorker(Worker):
             await asyncio.sleep(1.0)
 
 
+def _job(function: Callable[..., Awaitable[Any]]) -> Any:
+    """A job typed against WorkerContext, as arq's untyped `ctx: dict` registers it."""
+    return function
+
+
 def create_worker(
     settings: Settings, *, handle_signals: bool = True, burst: bool = False
 ) -> Worker:
-    assert settings.redis_url is not None
     every = max(1, round(settings.sweep_after_s / 2))
     return MirrorWorker(
         functions=[
-            func(apply_shard, name=APPLY_JOB, max_tries=1000),
-            func(refresh_buddy, name=REFRESH_JOB, max_tries=MAX_REFRESH_DEFERRALS + 1),
-            func(bootstrap_jobs.poll_operation, name=repository.POLL_JOB, max_tries=3),
+            func(_job(apply_shard), name=APPLY_JOB, max_tries=1000),
+            func(_job(refresh_buddy), name=REFRESH_JOB, max_tries=MAX_REFRESH_DEFERRALS + 1),
+            func(_job(bootstrap_jobs.poll_operation), name=repository.POLL_JOB, max_tries=3),
         ],
         cron_jobs=[
-            cron(sweep, second=set(range(0, 60, every)), run_at_startup=True),
-            cron(prune, minute=set(range(0, 60, 10)), second=30),
-            cron(reconcile, second=15),
-            cron(bootstrap_jobs.poll_stalled_hatches, second=set(range(0, 60, 5))),
+            cron(_job(sweep), second=set(range(0, 60, every)), run_at_startup=True),
+            cron(_job(prune), minute=set(range(0, 60, 10)), second=30),
+            cron(_job(reconcile), second=15),
+            cron(_job(bootstrap_jobs.poll_stalled_hatches), second=set(range(0, 60, 5))),
         ],
-        redis_settings=redis_settings(settings.redis_url, settings.redis_timeout_s),
+        redis_settings=redis_settings(settings.redis_dsn, settings.redis_timeout_s),
         queue_name=settings.queue_name,
-        on_startup=startup,
-        on_shutdown=shutdown,
+        on_startup=_job(startup),
+        on_shutdown=_job(shutdown),
         ctx={"settings": settings},
         handle_signals=handle_signals,
         burst=burst,

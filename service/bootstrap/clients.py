@@ -42,9 +42,8 @@ class BootstrapState:
 
 def _redis(settings: Settings) -> ArqRedis:
     """Connects on first use, so the app starts while Redis is down."""
-    assert settings.redis_url is not None
     pool = ConnectionPool.from_url(
-        settings.redis_url,
+        settings.redis_dsn,
         socket_connect_timeout=settings.redis_timeout_s,
         socket_timeout=max(settings.redis_timeout_s, 1.0),
     )
@@ -54,9 +53,8 @@ def _redis(settings: Settings) -> ArqRedis:
 @contextlib.asynccontextmanager
 async def running(app: Starlette, settings: Settings) -> AsyncIterator[BootstrapState]:
     """The app's bootstrap clients (enter it in the lifespan): user streams, Redis, Hatched."""
-    assert settings.database_url is not None
     users = UserBroadcaster(
-        settings.database_url,
+        settings.postgres_dsn,
         settings.stream_max_clients,
         settings.db_timeout_s,
         channel=repository.CHANNEL,

@@ -48,7 +48,7 @@ from service.problems import (
     unavailable,
 )
 from service.read.etags import etag
-from service.read.stream import Broadcaster, TooManyClients
+from service.read.stream import Broadcaster, TooManyClients, buddy_events
 from service.state import AppState
 
 log = structlog.get_logger(__name__)
@@ -342,16 +342,8 @@ async def stream_user_buddy(request: Request) -> Response:
                 await woken.get()
         if buddy_id is None:
             return
-        async with state.broadcaster.subscribe(buddy_id) as changed:
-            sent = None
-            while not state.broadcaster.closing:
-                found = await store.get_buddy(state.pool, buddy_id)
-                if found is not None and found[1] != sent:
-                    sent = found[1]
-                    yield ServerSentEvent(
-                        data=orjson.dumps(public_view(*found)).decode(), event="buddy", id=str(sent)
-                    )
-                await changed.get()
+        async for event in buddy_events(state.broadcaster, state.pool, buddy_id):
+            yield event
 
     return EventSourceResponse(
         events(), ping=state.settings.stream_ping_s, headers={"Cache-Control": "no-cache"}

@@ -12,6 +12,7 @@ from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
 from service import store
+from service.apply.context import WorkerContext
 from service.bootstrap.flow import mirror_remote
 from service.bootstrap.problems import stored
 from service.bootstrap.repository import (
@@ -52,7 +53,7 @@ async def schedule_poll(
         log.warning("bootstrap_poll_not_queued", user_id=user_id, error=repr(exc))
 
 
-async def _wake_shard(ctx: dict[str, Any], shard: int) -> None:
+async def _wake_shard(ctx: WorkerContext, shard: int) -> None:
     await wake(ctx["redis"], ctx["settings"].queue_name, shard)
 
 
@@ -60,7 +61,7 @@ def _failure(code: str, status: int, title: str, detail: str, **extra: Any) -> d
     return stored(Problem(status, code, title, detail, extra=extra))
 
 
-async def poll_operation(ctx: dict[str, Any], user_id: str, audience_key: str) -> str:
+async def poll_operation(ctx: WorkerContext, user_id: str, audience_key: str) -> str:
     """One poll of a hatch whose buddy.hatched has not come; re-queues itself until it ends."""
     settings: Settings = ctx["settings"]
     pool: store.Pool = ctx["pool"]
@@ -133,7 +134,7 @@ async def poll_operation(ctx: dict[str, Any], user_id: str, audience_key: str) -
     return "pending"
 
 
-async def poll_stalled_hatches(ctx: dict[str, Any]) -> int:
+async def poll_stalled_hatches(ctx: WorkerContext) -> int:
     """Cron: poll hatches whose poll job was lost (Redis flushed, worker killed); finish rows
     whose buddy is already mirrored. Bounded work per run."""
     pool: store.Pool = ctx["pool"]

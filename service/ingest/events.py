@@ -10,7 +10,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import orjson
 
@@ -42,6 +42,10 @@ KNOWN_TYPES = frozenset(
 TYPE_ALIASES = {"coin.earned": "coins.earned", "coin.spent": "coins.spent"}
 
 Format = Literal["v1", "v2"]
+# Every state a stored delivery can be in (also the CHECK on delivery_states.status, sql/0008).
+DeliveryStatus = Literal["accepted", "applied", "duplicate", "unmapped", "dead"]
+DELIVERY_STATUSES: tuple[DeliveryStatus, ...] = get_args(DeliveryStatus)
+# What receipt decides; the worker moves `accepted` on to the others.
 Status = Literal["accepted", "unmapped", "dead"]
 
 

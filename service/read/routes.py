@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
 import asyncpg
 import orjson
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
 from service import store
 from service.apply.projector import Buddy, iso, public_view
 from service.auth import require_token
+from service.ingest.events import DELIVERY_STATUSES
 from service.problems import (
     Problem,
     buddy_not_found,
@@ -26,13 +27,13 @@ from service.problems import (
     unavailable,
 )
 from service.read.etags import etag, rendered
+from service.read.stream import buddy_events
 from service.state import AppState
 
 T = TypeVar("T")
 
 MAX_LIMIT = 200
 DEFAULT_LIMIT = 50
-DELIVERY_STATUSES = ("accepted", "applied", "duplicate", "unmapped", "dead")
 
 
 def _reader(request: Request) -> AppState:
@@ -275,20 +276,8 @@ async def stream_buddy(request: Request) -> Response:
     if broadcaster.clients >= state.settings.stream_max_clients:
         raise too_many_streams()
 
-    async def events() -> AsyncIterator[ServerSentEvent]:
-        async with broadcaster.subscribe(buddy_id) as changed:
-            sent = None
-            while not broadcaster.closing:
-                found = await store.get_buddy(state.pool, buddy_id)
-                if found is not None and found[1] != sent:
-                    sent = found[1]
-                    yield ServerSentEvent(
-                        data=orjson.dumps(public_view(*found)).decode(),
-                        event="buddy",
-                        id=str(sent),
-                    )
-                await changed.get()
-
     return EventSourceResponse(
-        events(), ping=state.settings.stream_ping_s, headers={"Cache-Control": "no-cache"}
+        buddy_events(broadcaster, state.pool, buddy_id),
+        ping=state.settings.stream_ping_s,
+        headers={"Cache-Control": "no-cache"},
     )

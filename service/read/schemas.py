@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.ingest.events import DeliveryStatus
+
 
 class _Out(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -96,9 +98,6 @@ class EventOut(_Out):
 class EventPage(_Out):
     data: list[EventOut]
     next_cursor: str | None
-
-
-DeliveryStatus = Literal["accepted", "applied", "duplicate", "unmapped", "dead"]
 
 
 class DeliveryOut(_Out):

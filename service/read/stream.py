@@ -13,9 +13,12 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 
 import asyncpg
+import orjson
 import structlog
+from sse_starlette import ServerSentEvent
 
 from service import store
+from service.apply.projector import public_view
 from service.problems import DATABASE_ERRORS
 from service.read.cache import BuddyCache
 
@@ -130,3 +133,20 @@ class Broadcaster:
 def _poke(queue: asyncio.Queue[None]) -> None:
     with contextlib.suppress(asyncio.QueueFull):
         queue.put_nowait(None)
+
+
+async def buddy_events(
+    broadcaster: Broadcaster, pool: store.Pool, buddy_id: str
+) -> AsyncIterator[ServerSentEvent]:
+    """The full buddy as an SSE `buddy` event now (once it exists), then each time its version
+    changes, until the process closes its streams. The one loop behind every buddy stream."""
+    async with broadcaster.subscribe(buddy_id) as changed:
+        sent = None
+        while not broadcaster.closing:
+            found = await store.get_buddy(pool, buddy_id)
+            if found is not None and found[1] != sent:
+                sent = found[1]
+                yield ServerSentEvent(
+                    data=orjson.dumps(public_view(*found)).decode(), event="buddy", id=str(sent)
+                )
+            await changed.get()

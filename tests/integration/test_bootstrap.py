@@ -14,6 +14,7 @@ from starlette.applications import Starlette
 
 from service import store
 from service.app import create_app
+from service.apply.context import WorkerContext
 from service.bootstrap import jobs as bootstrap_jobs
 from service.bootstrap import repository
 from service.bootstrap import routes as bootstrap_routes
@@ -134,7 +135,7 @@ async def arq_redis(redis_url: str) -> AsyncIterator[ArqRedis]:
 
 def job_ctx(
     settings: Settings, pool: store.Pool, redis: ArqRedis, hatched: HatchedAPI
-) -> dict[str, Any]:
+) -> WorkerContext:
     return {"settings": settings, "pool": pool, "redis": redis, "hatched": hatched}
 
 

@@ -1,0 +1,26 @@
+"""What the worker's startup puts in arq's job context, typed for every job that reads it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Required, TypedDict
+
+if TYPE_CHECKING:
+    from arq.connections import ArqRedis
+
+    from service.apply.applier import ApplyLimits
+    from service.config import Settings
+    from service.hatched.client import HatchedAPI
+    from service.store import Pool
+
+
+class WorkerContext(TypedDict, total=False):
+    """arq's `ctx`: `settings` and `redis` from the start, the rest once `startup` ran."""
+
+    settings: Required[Settings]
+    redis: Required[ArqRedis]
+    pool: Pool
+    limits: ApplyLimits
+    hatched: HatchedAPI | None
+    # Set when the worker begins a graceful stop: jobs end their batch loop early.
+    stopping: bool
+    job_try: int
