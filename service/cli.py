@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,18 +34,6 @@ def _settings(command: str, **overrides: Any) -> Settings:
     return settings
 
 
-async def _migrate(dsn: str, sql_dir: Path = store.SQL_DIR) -> list[str]:
-    # Unbounded: a migration takes as long as the data makes it (sql/0008 copies a row per
-    # stored delivery: 38 s at 20,000,000, bench/BENCHMARKS.md, Upgrade). Cut off by the
-    # pool's command timeout, it would roll back, and every later attempt would too.
-    pool = await store.create_pool(dsn, size=1, timeout_s=10, bounded=False)
-    try:
-        async with pool.acquire() as conn:
-            return await store.migrate(conn, sql_dir)
-    finally:
-        await pool.close()
-
-
 @click.group()
 @click.version_option(package_name="hatched-mirror")
 def main() -> None:
@@ -58,7 +45,7 @@ def migrate() -> None:
     """Apply sql/ migrations (idempotent; safe with several replicas at once)."""
     settings = _settings("migrate")
     try:
-        applied = asyncio.run(_migrate(settings.postgres_dsn))
+        applied = asyncio.run(store.migrate_database(settings.postgres_dsn))
     except store.MigrationError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
@@ -124,6 +111,7 @@ def dev(data_dir: str, host: str, port: int) -> None:
     Uses DATABASE_URL / REDIS_URL when set, else embedded Postgres and Redis under --data-dir.
     """
     from service.dev.embedded import embedded_services
+    from service.dev.run import run_dev
 
     os.environ.setdefault("HATCHED_WEBHOOK_SECRETS", DEV_SECRET)
     os.environ.setdefault("MIRROR_API_TOKENS", DEV_API_TOKEN)
@@ -131,60 +119,14 @@ def dev(data_dir: str, host: str, port: int) -> None:
     os.environ.setdefault("MIRROR_LOG_FORMAT", "console")
     base = load_settings()
     if base.database_url and base.redis_url:
-        _run_dev(base, host, port)
+        run_dev(base, host, port)
         return
     click.echo(f"starting embedded Postgres and Redis under {data_dir}/ ...")
     with embedded_services(Path(data_dir).resolve()) as (pg_url, redis_url):
         settings = load_settings(
             DATABASE_URL=base.database_url or pg_url, REDIS_URL=base.redis_url or redis_url
         )
-        _run_dev(settings, host, port)
-
-
-def _run_dev(settings: Settings, host: str, port: int) -> None:
-    from service.app import create_app
-    from service.apply.worker import create_worker, stop
-
-    logs.configure(settings.log_format)
-    asyncio.run(_migrate(settings.postgres_dsn))
-    url = f"http://{host}:{port}"
-    click.echo(
-        "\n".join(
-            [
-                "",
-                "hatched-mirror dev is running",
-                f"  webhook endpoint : {url}/webhooks/hatched",
-                f"  read API         : {url}/v1/buddies/{{buddy_id}}",
-                f"  webhook secret   : {settings.webhook_secrets[0]}",
-                f"  API token        : {settings.api_tokens[0]}",
-                f"  admin token      : {(settings.admin_tokens or ['(none)'])[0]}",
-                f"  DATABASE_URL     : {settings.database_url}",
-                f"  REDIS_URL        : {settings.redis_url}",
-                "  try              : hatched-mirror send-test-event buddy.hatched",
-                f"  bootstrap demo   : {url}/demo#token={settings.api_tokens[0]}"
-                + ("" if settings.hatched_api_enabled else " (set HATCHED_API_URL/_KEY)"),
-                "",
-            ]
-        )
-    )
-
-    async def run() -> None:
-        # uvicorn re-raises the SIGTERM/SIGINT it handled once it has shut down; with the
-        # default handlers that would end the process before the embedded Postgres and Redis
-        # are stopped. What it re-raises lands here instead, and `dev` exits normally.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: None)
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(settings, demo=True), host=host, port=port, log_config=None)
-        )
-        worker = create_worker(settings, handle_signals=False)
-        worker_task = asyncio.create_task(worker.main())
-        try:
-            await server.serve()
-        finally:
-            await stop(worker, worker_task)
-
-    asyncio.run(run())
+        run_dev(settings, host, port)
 
 
 @main.command()
@@ -198,75 +140,26 @@ def _run_dev(settings: Settings, host: str, port: int) -> None:
 @click.option("--delivery-id", "delivery_ids", multiple=True, help="repeatable")
 def replay(status: str | None, since: datetime | None, delivery_ids: tuple[str, ...]) -> None:
     """Re-apply stored deliveries (the worker picks them up)."""
+    from service.apply.replay import requeue
+
     settings = _settings("worker")
     if status is None and not delivery_ids:
         status = "dead"
     statuses = None if status in (None, "all") else [status]
     since_utc = since.replace(tzinfo=UTC) if since is not None and since.tzinfo is None else since
-    count = asyncio.run(_replay(settings, statuses, since_utc, list(delivery_ids) or None))
+    count = asyncio.run(requeue(settings, statuses, since_utc, list(delivery_ids) or None))
     click.echo(f"requeued {count} deliveries")
-
-
-async def _replay(
-    settings: Settings,
-    statuses: list[str] | None,
-    since: datetime | None,
-    delivery_ids: list[str] | None,
-) -> int:
-    from service.ingest.wakeups import Waker
-
-    # Unbounded: `--status all` or `--since` on a large inbox updates millions of rows in one
-    # statement, far longer than the service's statement limit.
-    pool = await store.create_pool(
-        settings.postgres_dsn, size=2, timeout_s=settings.db_timeout_s, bounded=False
-    )
-    waker = Waker(settings.redis_dsn, settings.queue_name, settings.redis_timeout_s)
-    try:
-        per_shard = await store.requeue_by_shard(
-            pool, delivery_ids=delivery_ids, statuses=statuses, since=since
-        )
-        woken = [await waker.wake(shard) for shard in sorted(per_shard)]
-        if not all(woken):
-            click.echo("Redis unreachable: the worker's sweeper will apply them shortly", err=True)
-        return sum(per_shard.values())
-    finally:
-        await waker.close()
-        await pool.close()
 
 
 @main.command()
 @click.option("--buddy-id", "buddy_ids", multiple=True, help="repeatable; default: every buddy")
 def rebuild(buddy_ids: tuple[str, ...]) -> None:
     """Recompute mirrored state from the stored deliveries alone (online)."""
+    from service.apply.rebuild import rebuild_all
+
     settings = _settings("migrate")
-    changed, total = asyncio.run(_rebuild(settings, list(buddy_ids)))
+    changed, total = asyncio.run(rebuild_all(settings, list(buddy_ids)))
     click.echo(f"rebuilt {total} buddies, {changed} changed")
-
-
-async def _rebuild(settings: Settings, buddy_ids: list[str]) -> tuple[int, int]:
-    from tqdm import tqdm
-
-    from service.apply.applier import rebuild_buddy
-
-    pool = await store.create_pool(settings.postgres_dsn, size=2, timeout_s=settings.db_timeout_s)
-    changed = total = 0
-    try:
-        async with pool.acquire() as conn:
-            count = len(buddy_ids) or await store.count_buddies(conn)
-            with tqdm(total=count, unit="buddy", desc="rebuild", mininterval=1.0) as bar:
-                after = None
-                while True:
-                    page = buddy_ids if buddy_ids else await store.buddy_ids_page(conn, after, 500)
-                    for buddy_id in page:
-                        changed += await rebuild_buddy(conn, buddy_id)
-                        total += 1
-                        bar.update()
-                    if buddy_ids or not page:
-                        break
-                    after = page[-1]
-    finally:
-        await pool.close()
-    return changed, total
 
 
 @main.command()
@@ -275,7 +168,7 @@ async def _rebuild(settings: Settings, buddy_ids: list[str]) -> tuple[int, int]:
 @click.option("--all", "everything", is_flag=True, help="every active buddy of the account")
 def backfill(buddy_ids: tuple[str, ...], user_ids: tuple[str, ...], everything: bool) -> None:
     """Load buddies from Hatched's REST API (resumable; within the shared rate budget)."""
-    from service.hatched.backfill import Target
+    from service.hatched.backfill import Target, run_from_settings
 
     if sum(map(bool, (buddy_ids, user_ids, everything))) != 1:
         raise click.UsageError("give exactly one of --buddy-id, --user-id or --all")
@@ -288,44 +181,8 @@ def backfill(buddy_ids: tuple[str, ...], user_ids: tuple[str, ...], everything: 
         target = Target("buddy", buddy_ids)
     else:
         target = Target("user", user_ids)
-    loaded = asyncio.run(_backfill(settings, target))
+    loaded = asyncio.run(run_from_settings(settings, target))
     click.echo(f"backfill loaded {loaded} buddies; the worker applies them")
-
-
-async def _backfill(settings: Settings, target: Any) -> int:
-    from arq.connections import create_pool as create_redis
-    from tqdm import tqdm
-
-    from service import metrics
-    from service.hatched import backfill
-    from service.hatched.client import HatchedAPI
-    from service.hatched.ratelimit import RedisTokenBucket
-    from service.ingest.wakeups import redis_settings
-
-    pool = await store.create_pool(settings.postgres_dsn, size=2, timeout_s=settings.db_timeout_s)
-    redis = await create_redis(
-        redis_settings(settings.redis_dsn, settings.redis_timeout_s),
-        default_queue_name=settings.queue_name,
-    )
-    bucket = RedisTokenBucket(redis, settings.hatched_api_rate_per_min)
-    api = HatchedAPI.from_settings(settings, bucket=bucket, on_request=metrics.observe_hatched_call)
-    total = len(target.ids) if target.kind == "buddy" else None
-    try:
-        # Always shown (also in CI logs and pods), not only on a terminal.
-        with tqdm(total=total, unit="buddy", desc="backfill", mininterval=1.0) as bar:
-            return await backfill.run(
-                target,
-                api=api,
-                pool=pool,
-                redis=redis,
-                queue_name=settings.queue_name,
-                shards=settings.shards,
-                progress=bar.update,
-            )
-    finally:
-        await api.aclose()
-        await redis.aclose()
-        await pool.close()
 
 
 @main.command("send-test-event")

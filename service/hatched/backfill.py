@@ -1,6 +1,6 @@
 """Backfill: load buddies from Hatched's REST API into the mirror, resumably.
 
-Each fetched buddy enters the inbox as a REST snapshot (service/refresh.py) and the worker
+Each fetched buddy enters the inbox as a REST snapshot (service/hatched/refresh.py) and the worker
 applies it like any delivery. Progress is checkpointed in Postgres after every page, so a run
 that is interrupted continues where it stopped; a finished run starts over when asked again.
 """
@@ -12,12 +12,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from arq.connections import ArqRedis
+from arq.connections import create_pool as create_redis
+from tqdm import tqdm
 
-from service import store
+from service import metrics, store
+from service.config import Settings
 from service.hatched import refresh
 from service.hatched.client import HatchedAPI
+from service.hatched.ratelimit import RedisTokenBucket
 from service.hatched.remote import RemoteBuddy
-from service.ingest.wakeups import shard_of, wake
+from service.ingest.wakeups import redis_settings, shard_of, wake
 
 
 @dataclass(frozen=True)
@@ -84,3 +88,31 @@ async def run(
             await store.save_checkpoint(pool, target.run_key, str(position + 1), done, False)
     await store.save_checkpoint(pool, target.run_key, None, done, True)
     return done
+
+
+async def run_from_settings(settings: Settings, target: Target) -> int:
+    """`hatched-mirror backfill`: the clients from the settings, a progress bar, then `run`."""
+    pool = await store.create_pool(settings.postgres_dsn, size=2, timeout_s=settings.db_timeout_s)
+    redis = await create_redis(
+        redis_settings(settings.redis_dsn, settings.redis_timeout_s),
+        default_queue_name=settings.queue_name,
+    )
+    bucket = RedisTokenBucket(redis, settings.hatched_api_rate_per_min)
+    api = HatchedAPI.from_settings(settings, bucket=bucket, on_request=metrics.observe_hatched_call)
+    total = len(target.ids) if target.kind == "buddy" else None
+    try:
+        # Always shown (also in CI logs and pods), not only on a terminal.
+        with tqdm(total=total, unit="buddy", desc="backfill", mininterval=1.0) as bar:
+            return await run(
+                target,
+                api=api,
+                pool=pool,
+                redis=redis,
+                queue_name=settings.queue_name,
+                shards=settings.shards,
+                progress=bar.update,
+            )
+    finally:
+        await api.aclose()
+        await redis.aclose()
+        await pool.close()

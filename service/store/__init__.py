@@ -72,6 +72,7 @@ from service.store.migrations import (
     SQL_DIR,
     MigrationError,
     migrate,
+    migrate_database,
     migration_files,
 )
 from service.store.pool import (
@@ -156,6 +157,7 @@ __all__ = [
     "lock_buddies",
     "lock_shard",
     "migrate",
+    "migrate_database",
     "migration_files",
     "prune_applied",
     "requeue",

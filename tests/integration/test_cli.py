@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service import cli, store
+from service import store
+from service.apply.replay import requeue
 from service.config import Settings
 from tests.conftest import API_TOKEN, SECRET, running_worker, wait_settled
 from tests.harness import run_command, service_env
@@ -237,7 +238,7 @@ async def test_a_migration_may_run_longer_than_the_command_timeout(
                 await bounded.execute("SELECT pg_sleep(0.6)")
         finally:
             await bounded.close()
-        assert (await cli._migrate(dsn, slow))[-1] == "9000_slow"
+        assert (await store.migrate_database(dsn, slow))[-1] == "9000_slow"
 
 
 async def _store_dead(server: str, db: store.Pool, delivery_id: str) -> None:
@@ -295,7 +296,7 @@ async def test_replay_may_run_longer_than_the_command_timeout(
             await lock.rollback()
 
         releasing = asyncio.create_task(release())
-        assert await cli._replay(settings, None, None, None) == 1
+        assert await requeue(settings, None, None, None) == 1
         await releasing
     assert await db.fetchval("SELECT status FROM delivery_states") == "accepted"
 
