@@ -31,8 +31,9 @@ def iso(dt: datetime) -> str:
 
 
 @dataclass
-class Buddy:
-    """The mirrored state of one buddy: the `buddies` row, column for column."""
+class Profile:
+    """What Hatched says about a buddy, in the mirror's vocabulary: shared by the mirrored state
+    (`Buddy`) and a REST snapshot (`service.hatched.remote.RemoteBuddy`)."""
 
     buddy_id: str
     user_id: str | None = None
@@ -50,10 +51,16 @@ class Buddy:
     skills: dict[str, dict[str, Any]] = field(default_factory=dict)
     badges: dict[str, dict[str, Any]] = field(default_factory=dict)
     streaks: dict[str, dict[str, Any]] = field(default_factory=dict)
-    items_owned: list[str] = field(default_factory=list)
-    items_equipped: list[str] = field(default_factory=list)
     appearance: dict[str, Any] | None = None
     progression: dict[str, Any] | None = None
+
+
+@dataclass
+class Buddy(Profile):
+    """The mirrored state of one buddy: the `buddies` row, column for column."""
+
+    items_owned: list[str] = field(default_factory=list)
+    items_equipped: list[str] = field(default_factory=list)
     hatched_at: datetime | None = None
     last_event_at: datetime | None = None
     refreshed_at: datetime | None = None

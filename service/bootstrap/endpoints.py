@@ -187,26 +187,18 @@ async def bootstrap_buddy(request: Request) -> Response:
     followed = False  # saw another request run the flow: adopt its outcome, do not redo it
     async with _wake_ups(boot.users, user_id) as wait:
         while True:
-            if followed:
-                row, mine = await repository.get_row(state.pool, user_id, call.key), False
-                if row is not None and row["status"] == "starting":
-                    row, mine = await repository.claim_row(
-                        state.pool,
-                        user_id,
-                        call.key,
-                        call.audience,
-                        claim,
-                        retry_failed=False,
-                        hatch_stale_s=hatch_stale_s,
-                    )
-            else:
+            # A follower claims only a row still `starting` (its runner may have died) and
+            # never retries a failure it watched happen; a first call retries failed rows.
+            row = await repository.get_row(state.pool, user_id, call.key) if followed else None
+            mine = False
+            if not followed or (row is not None and row["status"] == "starting"):
                 row, mine = await repository.claim_row(
                     state.pool,
                     user_id,
                     call.key,
                     call.audience,
                     claim,
-                    retry_failed=True,
+                    retry_failed=not followed,
                     hatch_stale_s=hatch_stale_s,
                 )
             if mine:

@@ -107,9 +107,7 @@ class HatchedAPI:
     async def get_buddy(self, buddy_id: str, *, priority: bool = False) -> RemoteBuddy | None:
         """`GET /buddies/{id}`; None when Hatched does not know the buddy (404)."""
         try:
-            body = await self._call(
-                "GET", f"/buddies/{_seg(buddy_id)}", "GET /buddies/{buddy_id}", priority=priority
-            )
+            body = await self._call("GET /buddies/{buddy_id}", buddy_id=buddy_id, priority=priority)
         except HatchedAPIError as exc:
             if exc.status == 404:
                 return None
@@ -133,8 +131,6 @@ class HatchedAPI:
         """One page of `GET /buddies`: (buddies, cursor of the next page or None)."""
         params = {"user_id": user_id, "status": status, "cursor": cursor, "limit": limit}
         body = await self._call(
-            "GET",
-            "/buddies",
             "GET /buddies",
             params={k: v for k, v in params.items() if v is not None},
             priority=priority,
@@ -185,8 +181,6 @@ class HatchedAPI:
             payload["audience"] = audience
         # `ensure` makes a repeat return the same egg, so a retry after a lost answer is safe.
         body = await self._call(
-            "POST",
-            "/eggs",
             "POST /eggs",
             params={"ensure": "true"},
             json=payload,
@@ -197,9 +191,8 @@ class HatchedAPI:
     async def mark_egg_ready(self, egg_id: str, *, priority: bool = False) -> dict[str, Any]:
         """`PATCH /eggs/{id}/status` with `{"status": "ready"}`."""
         body = await self._call(
-            "PATCH",
-            f"/eggs/{_seg(egg_id)}/status",
             "PATCH /eggs/{egg_id}/status",
+            egg_id=egg_id,
             json={"status": "ready"},
             priority=priority,
         )
@@ -210,9 +203,8 @@ class HatchedAPI:
         # Not idempotent as far as the docs say: only a 429 (refused, so nothing happened) is
         # retried. After a timeout the caller re-reads the egg with `ensure_egg` instead.
         body = await self._call(
-            "POST",
-            f"/eggs/{_seg(egg_id)}/hatch",
             "POST /eggs/{egg_id}/hatch",
+            egg_id=egg_id,
             priority=priority,
             idempotent=False,
         )
@@ -221,9 +213,8 @@ class HatchedAPI:
     async def get_operation(self, operation_id: str, *, priority: bool = False) -> dict[str, Any]:
         """`GET /operations/{id}`: `{status, result: {buddy_id}}` once completed."""
         body = await self._call(
-            "GET",
-            f"/operations/{_seg(operation_id)}",
             "GET /operations/{operation_id}",
+            operation_id=operation_id,
             priority=priority,
         )
         return _object(body)
@@ -245,9 +236,7 @@ class HatchedAPI:
             "ttl_seconds": ttl_seconds,
         }
         # A duplicate session after a retried timeout only expires unused: retrying is fine.
-        body = await self._call(
-            "POST", "/widget-sessions", "POST /widget-sessions", json=payload, priority=priority
-        )
+        body = await self._call("POST /widget-sessions", json=payload, priority=priority)
         return _object(body)
 
     async def create_embed_token(
@@ -255,8 +244,6 @@ class HatchedAPI:
     ) -> dict[str, Any]:
         """`POST /embed-tokens`: `{token, expires_at}`."""
         body = await self._call(
-            "POST",
-            "/embed-tokens",
             "POST /embed-tokens",
             json={"buddy_id": buddy_id, "user_id": user_id},
             priority=priority,
@@ -267,15 +254,19 @@ class HatchedAPI:
 
     async def _call(
         self,
-        method: str,
-        path: str,
         route: str,
         *,
         params: Mapping[str, Any] | None = None,
         json: Any = None,
         priority: bool = False,
         idempotent: bool = True,
+        **segments: str,
     ) -> Any:
+        """One REST call by its route template ("GET /buddies/{buddy_id}"), the template's
+        `{names}` filled from `segments`, each one encoded path segment."""
+        method, template = route.split(" ", 1)
+        path = template.format_map({name: _seg(value) for name, value in segments.items()})
+
         def retryable(exc: BaseException) -> bool:
             if isinstance(exc, RateLimited):
                 return exc.retry_after_s <= self._max_retry_after_s

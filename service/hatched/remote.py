@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from service.apply.projector import Profile
 from service.coerce import any_time, integer, snake_deep, snake_keys
 
 if TYPE_CHECKING:
@@ -141,8 +142,8 @@ def _unwrap(obj: Any) -> Any:
     return obj
 
 
-@dataclass(frozen=True)
-class RemoteBuddy:
+@dataclass
+class RemoteBuddy(Profile):
     """A buddy as Hatched's REST API reports it, mapped onto the mirror's vocabulary.
 
     Maps use the projector's shapes (skills `{value, level}`, badges `{status, awarded_at}`,
@@ -151,26 +152,8 @@ class RemoteBuddy:
     are in the documented shape); `raw` is the buddy object exactly as received.
     """
 
-    buddy_id: str
-    user_id: str | None = None
-    audience: str | None = None
-    egg_id: str | None = None
-    name: str | None = None
-    status: str | None = None
-    config_version_id: str | None = None
-    evolution_stage: int | None = None
-    image_url: str | None = None
-    thumb_url: str | None = None
-    base_image_url: str | None = None
-    coins: int | None = None
-    tokens: dict[str, int] = field(default_factory=dict)
-    skills: dict[str, dict[str, Any]] = field(default_factory=dict)
-    badges: dict[str, dict[str, Any]] = field(default_factory=dict)
-    streaks: dict[str, dict[str, Any]] = field(default_factory=dict)
     equipped_item_ids: list[str] = field(default_factory=list)
     owned_item_ids: list[str] | None = None
-    appearance: dict[str, Any] | None = None
-    progression: dict[str, Any] | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
     raw: dict[str, Any] = field(default_factory=dict)
