@@ -24,7 +24,7 @@ _KEPT_PREFIXES = ("x-hatched-", "hatched-")
 
 
 def as_stored(d: Delivery, shards: int) -> store.NewDelivery:
-    """The row service/receiver.py `receive` builds for this delivery (same calls, same order)."""
+    """The row the receiver (service/ingest/receiver.py) builds for this delivery, same calls."""
     headers = {k.lower(): v for k, v in d.headers.items()}
     # A huge tolerance: rows are stored a little after signing, like a backlog would be.
     verified = verify(d.body, headers, [SECRET], time.time(), 10**9)

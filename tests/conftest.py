@@ -1,29 +1,25 @@
-"""Shared fixtures: real Postgres and Redis (see tests/services.py for how they are chosen)."""
+"""Fixtures every test may use: real Postgres and Redis (tests/support/services.py says how they
+are chosen), a migrated database reset before each test, and settings for it."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
-import uvicorn
-from starlette.applications import Starlette
 
 from service import store
-from service.apply.worker import create_worker, stop
 from service.config import Settings
-from tests import services
+from tests.support import services
+from tests.support.config import make_settings
 
-SECRET = "whsec_test_fixture_secret"
-SECOND_SECRET = "whsec_second_during_rotation"
-API_TOKEN = "test-api-token"
-ADMIN_TOKEN = "test-admin-token"
-# Fixtures were signed at this time; tests that replay them as recorded pin `now` to it.
-FIXTURE_TIME = 1776853800
+# Every table of the schema but the record of applied migrations, read from the catalog so a
+# table added by a migration is reset too, without anyone remembering to list it.
+RESET_TABLES = """
+SELECT string_agg(format('%I.%I', schemaname, tablename), ', ')
+FROM pg_tables
+WHERE schemaname = current_schema() AND tablename <> 'schema_migrations'
+"""
 
 
 def pytest_report_header() -> str:
@@ -44,12 +40,7 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 async def migrated(database_url: str) -> str:
-    pool = await store.create_pool(database_url, size=1, timeout_s=10)
-    try:
-        async with pool.acquire() as conn:
-            await store.migrate(conn)
-    finally:
-        await pool.close()
+    await store.migrate_database(database_url)
     return database_url
 
 
@@ -60,13 +51,16 @@ async def pool(migrated: str) -> AsyncIterator[store.Pool]:
     await p.close()
 
 
+@pytest.fixture(scope="session")
+async def reset_sql(pool: store.Pool) -> str:
+    tables = await pool.fetchval(RESET_TABLES)
+    return f"TRUNCATE {tables} RESTART IDENTITY"
+
+
 @pytest.fixture
-async def db(pool: store.Pool) -> store.Pool:
+async def db(pool: store.Pool, reset_sql: str) -> store.Pool:
     """A clean mirror for each test."""
-    await pool.execute(
-        "TRUNCATE deliveries, delivery_states, buddies, ledger, backfill_checkpoints, bootstraps"
-        " RESTART IDENTITY"
-    )
+    await pool.execute(reset_sql)
     return pool
 
 
@@ -78,81 +72,6 @@ async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-def make_settings(database_url: str, redis_url: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "HATCHED_WEBHOOK_SECRETS": f"{SECRET},{SECOND_SECRET}",
-        "MIRROR_API_TOKENS": API_TOKEN,
-        "MIRROR_ADMIN_TOKENS": ADMIN_TOKEN,
-        "MIRROR_SHARDS": "8",
-        "MIRROR_SWEEP_AFTER_S": "1",
-        "MIRROR_LOG_FORMAT": "console",
-    }
-    values.update(overrides)
-    return Settings(**values)
-
-
 @pytest.fixture
 def settings(db: store.Pool, migrated: str, redis_url: str, redis: aioredis.Redis) -> Settings:
     return make_settings(migrated, redis_url)
-
-
-@contextlib.asynccontextmanager
-async def serving(app: Starlette) -> AsyncIterator[str]:
-    """A real uvicorn server on a free port, for as long as the block runs."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if task.done() or time.monotonic() > deadline:
-            raise RuntimeError("test server did not start")
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-
-
-@pytest.fixture
-async def server(settings: Settings) -> AsyncIterator[str]:
-    from service.app import create_app
-
-    async with serving(create_app(settings)) as url:
-        yield url
-
-
-@contextlib.asynccontextmanager
-async def running_worker(settings: Settings) -> AsyncIterator[None]:
-    worker = create_worker(settings, handle_signals=False)
-    task = asyncio.create_task(worker.main())
-    try:
-        yield
-    finally:
-        await stop(worker, task, grace_s=30)
-
-
-async def wait_until(
-    check: Callable[[], Any], within: float = 15.0, interval: float = 0.05
-) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        if await check():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within}s")
-        await asyncio.sleep(interval)
-
-
-async def wait_settled(pool: store.Pool, within: float = 30.0) -> None:
-    """Until no stored delivery waits to be applied."""
-
-    async def settled() -> bool:
-        return not await pool.fetchval(
-            "SELECT count(*) FROM delivery_states WHERE status = 'accepted'"
-        )
-
-    await wait_until(settled, within)

@@ -82,7 +82,7 @@ async def apply_shard(ctx: WorkerContext, shard: int) -> int:
         await store.lock_shard(conn, shard)
         try:
             # Only now may the next delivery enqueue another wake-up: everything stored
-            # before this point is drained by this job (see service/queue.py).
+            # before this point is drained by this job (see service/ingest/wakeups.py).
             await ctx["redis"].delete(wake_key(settings.queue_name, shard))
             result, left = await drain_shards(conn, [shard], ctx["limits"], stopping)
         finally:

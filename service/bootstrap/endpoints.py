@@ -5,7 +5,9 @@ token. `POST /v1/users/{user_id}/buddy` answers the mirrored buddy when there is
 one Hatched already has (mirrored, 200), else starts the hatch (202 with a status URL);
 `GET /v1/users/{user_id}/buddy/stream` shows the progress and then the buddy the moment it is
 mirrored; `widget-session` and `embed-token` mint Hatched tokens for that buddy. The flow itself,
-its guard in Postgres and the worker's polling fallback are in service/hatching.py."""
+its guard in Postgres and the worker's polling fallback are in flow.py, repository.py and
+jobs.py beside this module.
+"""
 
 from __future__ import annotations
 

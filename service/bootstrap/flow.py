@@ -1,4 +1,4 @@
-"""The first-user bootstrap flow behind `POST /v1/users/{user_id}/buddy` (service/bootstrap.py).
+"""The first-user bootstrap flow behind `POST /v1/users/{user_id}/buddy` (bootstrap/endpoints.py).
 
 The guard: one row of `bootstraps` per user and audience. Of any number of concurrent or repeated
 calls one INSERT wins and runs the flow against Hatched (reuse-or-create the egg, mark it ready,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -24,15 +23,8 @@ from service.read.schemas import (
     LedgerPage,
     ProblemOut,
 )
-from tests.conftest import (
-    ADMIN_TOKEN,
-    API_TOKEN,
-    SECRET,
-    make_settings,
-    running_worker,
-    serving,
-    wait_settled,
-)
+from tests.support.config import ADMIN_TOKEN, API_TOKEN, SECRET, make_settings
+from tests.support.running import running_worker, serving, wait_settled
 
 READ = {"Authorization": f"Bearer {API_TOKEN}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -44,12 +36,6 @@ async def post(http: httpx.AsyncClient, event_type: str, buddy_id: str, **kw: An
     assert response.status_code == 202, response.text
     delivery_id: str = response.json()["delivery_id"]
     return delivery_id
-
-
-@pytest.fixture
-async def http(settings: Settings, server: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=server, timeout=10) as client:
-        yield client
 
 
 @pytest.fixture

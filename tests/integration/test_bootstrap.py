@@ -24,8 +24,9 @@ from service.dev.samples import build_delivery
 from service.hatched.client import HatchedAPI
 from service.read import openapi
 from service.read.schemas import BuddyOut, ProblemOut
-from tests.conftest import API_TOKEN, SECRET, make_settings, running_worker, serving, wait_until
-from tests.fake_hatched import DEFAULT_API_KEY, FakeHatched, buddy_json, serve_fake
+from tests.support.config import API_TOKEN, SECRET, make_settings
+from tests.support.fake_hatched import DEFAULT_API_KEY, FakeHatched, buddy_json
+from tests.support.running import running_worker, serving, wait_until
 
 READ = {"Authorization": f"Bearer {API_TOKEN}"}
 USER = "user_first"
@@ -87,17 +88,6 @@ async def wait_status(pool: store.Pool, status: str, user_id: str = USER, key: s
         return found is not None and found["status"] == status
 
     await wait_until(reached, within=15)
-
-
-@pytest.fixture
-def fake() -> FakeHatched:
-    return FakeHatched(hatch_delay_s=0.2)
-
-
-@pytest.fixture
-async def fake_url(fake: FakeHatched) -> AsyncIterator[str]:
-    async with serve_fake(fake) as url:
-        yield url
 
 
 async def configured(migrated: str, redis_url: str, pool: store.Pool, fake_url: str) -> Settings:

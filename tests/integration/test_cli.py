@@ -18,8 +18,9 @@ import pytest
 from service import store
 from service.apply.replay import requeue
 from service.config import Settings
-from tests.conftest import API_TOKEN, SECRET, running_worker, wait_settled
-from tests.harness import run_command, service_env
+from tests.support.config import API_TOKEN, SECRET
+from tests.support.harness import run_command, service_env
+from tests.support.running import running_worker, wait_settled
 
 CLI = [sys.executable, "-m", "service"]
 

@@ -25,9 +25,10 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from service import store
 from service.config import Settings
-from tests.conftest import API_TOKEN, running_worker, serving
-from tests.fake_hatched import FakeHatched, serve_fake
 from tests.integration.test_bootstrap import bootstrap_app, configured, deliver_outbox
+from tests.support.config import API_TOKEN
+from tests.support.fake_hatched import FakeHatched, serve_fake
+from tests.support.running import running_worker, serving
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 FLAGS = (

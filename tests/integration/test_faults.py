@@ -16,9 +16,10 @@ from service import store
 from service.apply.projector import mirrored
 from service.config import Settings
 from service.dev.samples import build_delivery
-from tests.conftest import SECRET, make_settings, running_worker, wait_settled
-from tests.harness import Process, Proxy, run_command, send_like_hatched, serve, service_env
-from tests.scenario import expected_states, learning_day, mirrored_states, signed
+from tests.support.config import SECRET, make_settings
+from tests.support.harness import Process, Proxy, run_command, send_like_hatched, serve, service_env
+from tests.support.running import running_worker, wait_settled
+from tests.support.scenario import expected_states, learning_day, mirrored_states, signed
 
 pytestmark = pytest.mark.slow
 
@@ -169,7 +170,7 @@ async def test_poison_delivery_ends_dead_while_later_ones_apply(
         migrated, redis_url, MIRROR_APPLY_MAX_ATTEMPTS="3", MIRROR_APPLY_BACKOFF_S="0.05"
     )
     from service.app import create_app
-    from tests.conftest import serving
+    from tests.support.running import serving
 
     buddy = "buddy_poison"
     sequence = [
@@ -210,7 +211,7 @@ async def test_rebuild_from_the_log_equals_the_live_state(
     settings: Settings, db: store.Pool, tmp_path: Path
 ) -> None:
     from service.app import create_app
-    from tests.conftest import serving
+    from tests.support.running import serving
 
     deliveries = _burst(17, buddies=20, per_buddy=25)
     async with serving(create_app(settings)) as url, running_worker(settings):

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from service import store
 from service.ingest.signatures import signature_headers
-from tests.conftest import SECRET
-from tests.harness import serve, service_env
+from tests.support.config import SECRET
+from tests.support.harness import serve, service_env
 
 HEADER_NAMES = st.sampled_from(
     [

@@ -16,23 +16,18 @@ from service.dev.samples import build_delivery
 from service.hatched.client import HatchedAPI
 from service.hatched.errors import BudgetExhausted, HatchedAPIError, HatchedUnavailable, RateLimited
 from service.hatched.ratelimit import RedisTokenBucket
-from tests.conftest import wait_until
-from tests.fake_hatched import FakeHatched, buddy_json, serve_fake
+from tests.support.fake_hatched import FakeHatched, buddy_json
+from tests.support.running import wait_until
 
 GET_BUDDY = "GET /buddies/{buddy_id}"
 
 
 @pytest.fixture
-def fake() -> FakeHatched:
-    world = FakeHatched(hatch_delay_s=0.1)
-    world.set_buddy(buddy_json("buddy_1", "user_a", coins=10, tokens={"gem": 2}))
-    return world
-
-
-@pytest.fixture
-async def base_url(fake: FakeHatched) -> AsyncIterator[str]:
-    async with serve_fake(fake) as url:
-        yield url
+def base_url(fake: FakeHatched, fake_url: str) -> str:
+    """The shared fake Hatched, holding one buddy and hatching quickly."""
+    fake.hatch_delay_s = 0.1
+    fake.set_buddy(buddy_json("buddy_1", "user_a", coins=10, tokens={"gem": 2}))
+    return fake_url
 
 
 def client(base_url: str, key: str, **options: Any) -> HatchedAPI:

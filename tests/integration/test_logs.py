@@ -9,8 +9,8 @@ import httpx
 
 from service import store
 from service.dev.samples import build_delivery
-from tests.conftest import ADMIN_TOKEN, API_TOKEN, SECRET
-from tests.harness import serve, service_env
+from tests.support.config import ADMIN_TOKEN, API_TOKEN, SECRET
+from tests.support.harness import serve, service_env
 
 
 def test_delivery_lines_carry_ids_and_no_secret_is_logged(

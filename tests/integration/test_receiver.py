@@ -15,17 +15,12 @@ from service import store
 from service.app import create_app
 from service.dev.samples import build_delivery
 from service.ingest.signatures import signature_headers
-from tests.conftest import SECOND_SECRET, SECRET, make_settings, serving
+from tests.support.config import SECOND_SECRET, SECRET, make_settings
+from tests.support.running import serving
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "hatched"
 CLOSED_PORT_PG = "postgresql://postgres@127.0.0.1:1/nothing"
 CLOSED_PORT_REDIS = "redis://127.0.0.1:1/0"
-
-
-@pytest.fixture
-async def http(server: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=server, timeout=10) as client:
-        yield client
 
 
 def resign(

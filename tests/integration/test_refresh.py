@@ -6,11 +6,9 @@ import asyncio
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import httpx
-import pytest
 from arq.connections import create_pool
 
 from service import store
@@ -25,9 +23,10 @@ from service.hatched.client import HatchedAPI
 from service.hatched.ratelimit import RedisTokenBucket
 from service.hatched.remote import RemoteBuddy
 from service.ingest.wakeups import redis_settings
-from tests.conftest import ADMIN_TOKEN, SECRET, make_settings, running_worker, serving, wait_settled
-from tests.fake_hatched import FakeHatched, buddy_json, serve_fake
-from tests.harness import service_env
+from tests.support.config import ADMIN_TOKEN, SECRET, make_settings
+from tests.support.fake_hatched import FakeHatched, buddy_json
+from tests.support.harness import service_env
+from tests.support.running import running_worker, serving, wait_settled
 
 GET_BUDDY = "GET /buddies/{buddy_id}"
 LIST = "GET /buddies"
@@ -43,13 +42,6 @@ COMPARED = (
     "user_id",
     "config_version_id",
 )
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[tuple[FakeHatched, str]]:
-    world = FakeHatched()
-    async with serve_fake(world) as url:
-        yield world, url
 
 
 def hatched_settings(migrated: str, redis_url: str, url: str, key: str, **extra: str) -> Settings:
@@ -137,9 +129,10 @@ async def test_retried_and_reordered_v2_deliveries_converge_with_refresh(
     redis_url: str,
     db: store.Pool,
     redis: object,
-    fake: tuple[FakeHatched, str],
+    fake: FakeHatched,
+    fake_url: str,
 ) -> None:
-    world, url = fake
+    world, url = fake, fake_url
     settings = hatched_settings(migrated, redis_url, url, world.api_key)
     deliveries, truth_json = late_retry_scenario("buddy_heal")
     world.set_buddy(truth_json)
@@ -166,9 +159,10 @@ async def test_a_burst_causes_one_refresh_call_per_buddy(
     redis_url: str,
     db: store.Pool,
     redis: object,
-    fake: tuple[FakeHatched, str],
+    fake: FakeHatched,
+    fake_url: str,
 ) -> None:
-    world, url = fake
+    world, url = fake, fake_url
     settings = hatched_settings(
         migrated, redis_url, url, world.api_key, MIRROR_REFRESH_SETTLE_S="1.5"
     )
@@ -206,9 +200,10 @@ async def test_two_workers_share_one_budget(
     redis_url: str,
     db: store.Pool,
     redis: object,
-    fake: tuple[FakeHatched, str],
+    fake: FakeHatched,
+    fake_url: str,
 ) -> None:
-    world, url = fake
+    world, url = fake, fake_url
     for i in range(40):
         world.set_buddy(buddy_json(f"buddy_budget_{i}"))
     settings = hatched_settings(
@@ -239,9 +234,10 @@ async def test_hatched_errors_never_touch_mirrored_state(
     redis_url: str,
     db: store.Pool,
     redis: object,
-    fake: tuple[FakeHatched, str],
+    fake: FakeHatched,
+    fake_url: str,
 ) -> None:
-    world, url = fake
+    world, url = fake, fake_url
     settings = hatched_settings(migrated, redis_url, url, world.api_key)
     world.set_buddy(buddy_json("buddy_safe", coins=999))
     async with serving(create_app(settings)) as server, running_worker(settings):
@@ -282,9 +278,10 @@ async def test_reconciliation_refreshes_the_stalest_first(
     redis_url: str,
     db: store.Pool,
     redis: object,
-    fake: tuple[FakeHatched, str],
+    fake: FakeHatched,
+    fake_url: str,
 ) -> None:
-    world, url = fake
+    world, url = fake, fake_url
     settings = hatched_settings(
         migrated,
         redis_url,
@@ -330,9 +327,10 @@ async def test_backfill_loads_everything_and_resumes_after_being_killed(
     redis_url: str,
     db: store.Pool,
     redis: object,
-    fake: tuple[FakeHatched, str],
+    fake: FakeHatched,
+    fake_url: str,
 ) -> None:
-    world, url = fake
+    world, url = fake, fake_url
     world.max_page_size = 5
     world.delay_s = 0.15
     for i in range(60):
@@ -392,9 +390,10 @@ async def test_drift_is_counted(
     redis_url: str,
     db: store.Pool,
     redis: object,
-    fake: tuple[FakeHatched, str],
+    fake: FakeHatched,
+    fake_url: str,
 ) -> None:
-    world, url = fake
+    world, url = fake, fake_url
     settings = hatched_settings(migrated, redis_url, url, world.api_key)
     deliveries, truth_json = late_retry_scenario("buddy_drift")
     world.set_buddy(truth_json)

@@ -10,8 +10,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.conftest import ADMIN_TOKEN, API_TOKEN
-from tests.harness import serve, service_env
+from tests.support.config import ADMIN_TOKEN, API_TOKEN
+from tests.support.harness import serve, service_env
 
 
 @pytest.fixture(scope="module")

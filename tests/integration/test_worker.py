@@ -18,8 +18,9 @@ from service.apply.worker import apply_idle_shards
 from service.config import Settings
 from service.dev.samples import build_delivery
 from service.ingest.signatures import signature_headers
-from tests.conftest import SECRET, make_settings, running_worker, serving, wait_settled
-from tests.scenario import expected_states, learning_day, mirrored_states, signed
+from tests.support.config import SECRET, make_settings
+from tests.support.running import running_worker, serving, wait_settled
+from tests.support.scenario import expected_states, learning_day, mirrored_states, signed
 
 CLOSED_PORT_REDIS = "redis://127.0.0.1:1/0"
 

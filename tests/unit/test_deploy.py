@@ -52,7 +52,7 @@ SECRET_KEYS = {
     "MIRROR_ADMIN_TOKENS",
     "HATCHED_API_KEY",
 }
-# The worker lets the batch in hand commit for this long on SIGTERM (service/worker.py).
+# The worker lets the batch in hand commit for this long on SIGTERM (service/apply/worker.py).
 WORKER_JOB_WAIT_S = 30
 # uvicorn's graceful shutdown in `hatched-mirror serve` (service/cli.py).
 SERVE_GRACEFUL_S = 20

@@ -1,4 +1,4 @@
-"""service.embedded (PostgreSQL and Redis) and the service choice of tests/services.py."""
+"""service.embedded (PostgreSQL and Redis) and the service choice of tests/support/services.py."""
 
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ from service.dev.embedded import (
     stop_redis,
 )
 
-SERVICES_PY = Path(__file__).resolve().parents[1] / "services.py"
+SERVICES_PY = Path(__file__).resolve().parents[1] / "support" / "services.py"
 
 
 def _load_services() -> ModuleType:
-    """tests/services.py, whether or not tests/ is on sys.path."""
+    """tests/support/services.py, whether or not tests/ is on sys.path."""
     name = "_hatched_tests_services"
     module = sys.modules.get(name)
     if module is None:

@@ -537,7 +537,7 @@ async def test_exhausted_budget_sends_nothing() -> None:
 
 
 def test_from_settings_needs_url_and_key() -> None:
-    from tests.conftest import make_settings
+    from tests.support.config import make_settings
 
     settings = make_settings("postgresql://x/y", "redis://x:1/0")
     with pytest.raises(ValueError):

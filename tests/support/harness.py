@@ -18,7 +18,7 @@ from typing import Literal
 import httpx
 
 from service.ingest.signatures import signature_headers
-from tests.conftest import ADMIN_TOKEN, API_TOKEN, SECRET
+from tests.support.config import ADMIN_TOKEN, API_TOKEN, SECRET
 
 
 def free_port() -> int:

@@ -524,7 +524,7 @@ async def _json(request: Request) -> dict[str, Any]:
 @contextlib.asynccontextmanager
 async def serve_fake(fake: FakeHatched) -> AsyncIterator[str]:
     """Serve `fake` with a real uvicorn on a free port of 127.0.0.1; yields its base URL."""
-    from tests.conftest import serving
+    from tests.support.running import serving
 
     async with serving(fake.app()) as url:
         yield url

@@ -12,7 +12,7 @@ from service.apply.projector import Buddy, project
 from service.dev.samples import build_delivery
 from service.ingest.events import Event, parse_delivery
 from service.ingest.signatures import verify
-from tests.conftest import SECRET
+from tests.support.config import SECRET
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 

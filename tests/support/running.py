@@ -1,0 +1,69 @@
+"""The service running inside the test process: a real uvicorn server, a real arq worker, and
+waiting for what they do."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+
+from service import store
+from service.apply.worker import create_worker, stop
+from service.config import Settings
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Starlette) -> AsyncIterator[str]:
+    """A real uvicorn server on a free port, for as long as the block runs."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if task.done() or time.monotonic() > deadline:
+            raise RuntimeError("test server did not start")
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[None]:
+    worker = create_worker(settings, handle_signals=False)
+    task = asyncio.create_task(worker.main())
+    try:
+        yield
+    finally:
+        await stop(worker, task, grace_s=30)
+
+
+async def wait_until(
+    check: Callable[[], Any], within: float = 15.0, interval: float = 0.05
+) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        if await check():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within}s")
+        await asyncio.sleep(interval)
+
+
+async def wait_settled(pool: store.Pool, within: float = 30.0) -> None:
+    """Until no stored delivery waits to be applied."""
+
+    async def settled() -> bool:
+        return not await pool.fetchval(
+            "SELECT count(*) FROM delivery_states WHERE status = 'accepted'"
+        )
+
+    await wait_until(settled, within)
