@@ -6,9 +6,11 @@ import asyncio
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import httpx
+import pytest
 from arq.connections import create_pool
 
 from service import store
@@ -47,6 +49,18 @@ COMPARED = (
 def hatched_settings(migrated: str, redis_url: str, url: str, key: str, **extra: str) -> Settings:
     values = {"MIRROR_REFRESH_SETTLE_S": "0.5", "HATCHED_API_TIMEOUT_S": "0.5", **extra}
     return make_settings(migrated, redis_url, HATCHED_API_URL=url, HATCHED_API_KEY=key, **values)
+
+
+@pytest.fixture
+def with_hatched(
+    migrated: str, redis_url: str, db: store.Pool, redis: object, fake: FakeHatched, fake_url: str
+) -> Callable[..., Settings]:
+    """Settings with the (clean) fake Hatched as REST API, and these extra variables."""
+
+    def settings(**extra: str) -> Settings:
+        return hatched_settings(migrated, redis_url, fake_url, fake.api_key, **extra)
+
+    return settings
 
 
 async def post(url: str, deliveries: list[tuple[dict[str, str], bytes]]) -> list[int]:
@@ -125,15 +139,12 @@ async def test_without_refresh_a_late_v2_retry_leaves_the_mirror_wrong(
 
 
 async def test_retried_and_reordered_v2_deliveries_converge_with_refresh(
-    migrated: str,
-    redis_url: str,
     db: store.Pool,
-    redis: object,
     fake: FakeHatched,
-    fake_url: str,
+    with_hatched: Callable[..., Settings],
 ) -> None:
-    world, url = fake, fake_url
-    settings = hatched_settings(migrated, redis_url, url, world.api_key)
+    world = fake
+    settings = with_hatched()
     deliveries, truth_json = late_retry_scenario("buddy_heal")
     world.set_buddy(truth_json)
     async with serving(create_app(settings)) as server, running_worker(settings):
@@ -155,17 +166,12 @@ async def test_retried_and_reordered_v2_deliveries_converge_with_refresh(
 
 
 async def test_a_burst_causes_one_refresh_call_per_buddy(
-    migrated: str,
-    redis_url: str,
     db: store.Pool,
-    redis: object,
     fake: FakeHatched,
-    fake_url: str,
+    with_hatched: Callable[..., Settings],
 ) -> None:
-    world, url = fake, fake_url
-    settings = hatched_settings(
-        migrated, redis_url, url, world.api_key, MIRROR_REFRESH_SETTLE_S="1.5"
-    )
+    world = fake
+    settings = with_hatched(MIRROR_REFRESH_SETTLE_S="1.5")
     buddies = [f"buddy_burst_{i}" for i in range(3)]
     for buddy_id in buddies:
         world.set_buddy(buddy_json(buddy_id, coins=50 * 10))
@@ -196,19 +202,15 @@ async def test_a_burst_causes_one_refresh_call_per_buddy(
 
 
 async def test_two_workers_share_one_budget(
-    migrated: str,
     redis_url: str,
     db: store.Pool,
-    redis: object,
     fake: FakeHatched,
-    fake_url: str,
+    with_hatched: Callable[..., Settings],
 ) -> None:
-    world, url = fake, fake_url
+    world = fake
     for i in range(40):
         world.set_buddy(buddy_json(f"buddy_budget_{i}"))
-    settings = hatched_settings(
-        migrated, redis_url, url, world.api_key, HATCHED_API_RATE_PER_MIN="30"
-    )
+    settings = with_hatched(HATCHED_API_RATE_PER_MIN="30")
     arq = await create_pool(redis_settings(redis_url, 1), default_queue_name=settings.queue_name)
     try:
         async with running_worker(settings), running_worker(settings):
@@ -230,15 +232,12 @@ async def refresh_request(arq: Any, settings: Settings, buddy_id: str) -> None:
 
 
 async def test_hatched_errors_never_touch_mirrored_state(
-    migrated: str,
-    redis_url: str,
     db: store.Pool,
-    redis: object,
     fake: FakeHatched,
-    fake_url: str,
+    with_hatched: Callable[..., Settings],
 ) -> None:
-    world, url = fake, fake_url
-    settings = hatched_settings(migrated, redis_url, url, world.api_key)
+    world = fake
+    settings = with_hatched()
     world.set_buddy(buddy_json("buddy_safe", coins=999))
     async with serving(create_app(settings)) as server, running_worker(settings):
         await post(
@@ -274,19 +273,14 @@ async def test_hatched_errors_never_touch_mirrored_state(
 
 
 async def test_reconciliation_refreshes_the_stalest_first(
-    migrated: str,
     redis_url: str,
     db: store.Pool,
     redis: object,
     fake: FakeHatched,
-    fake_url: str,
+    with_hatched: Callable[..., Settings],
 ) -> None:
-    world, url = fake, fake_url
-    settings = hatched_settings(
-        migrated,
-        redis_url,
-        url,
-        world.api_key,
+    world = fake
+    settings = with_hatched(
         MIRROR_RECONCILE_AFTER_S="1",
         MIRROR_REFRESH_SETTLE_S="0",
     )
@@ -386,15 +380,12 @@ async def test_backfill_loads_everything_and_resumes_after_being_killed(
 
 
 async def test_drift_is_counted(
-    migrated: str,
-    redis_url: str,
     db: store.Pool,
-    redis: object,
     fake: FakeHatched,
-    fake_url: str,
+    with_hatched: Callable[..., Settings],
 ) -> None:
-    world, url = fake, fake_url
-    settings = hatched_settings(migrated, redis_url, url, world.api_key)
+    world = fake
+    settings = with_hatched()
     deliveries, truth_json = late_retry_scenario("buddy_drift")
     world.set_buddy(truth_json)
     async with serving(create_app(settings)) as server, running_worker(settings):
