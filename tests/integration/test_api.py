@@ -24,7 +24,7 @@ from service.read.schemas import (
     ProblemOut,
 )
 from tests.support.config import ADMIN_TOKEN, API_TOKEN, SECRET, make_settings
-from tests.support.running import running_worker, serving, wait_settled
+from tests.support.running import app_client, running_worker, serving, wait_settled
 
 READ = {"Authorization": f"Bearer {API_TOKEN}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -262,7 +262,7 @@ async def test_admin_routes_are_absent_without_admin_tokens(
     migrated: str, redis_url: str, db: store.Pool
 ) -> None:
     settings = make_settings(migrated, redis_url, MIRROR_ADMIN_TOKENS="")
-    async with serving(create_app(settings)) as url, httpx.AsyncClient(base_url=url) as http:
+    async with app_client(settings) as http:
         problem(await http.get("/v1/deliveries", headers=ADMIN), 404, "not_found")
         spec = (await http.get("/openapi.json")).json()
         assert "/v1/deliveries" not in spec["paths"]
@@ -334,7 +334,7 @@ async def test_stream_clients_are_bounded(migrated: str, redis_url: str, db: sto
 
 async def test_cors_preflight(migrated: str, redis_url: str, db: store.Pool) -> None:
     settings = make_settings(migrated, redis_url, MIRROR_CORS_ORIGINS="https://app.example")
-    async with serving(create_app(settings)) as url, httpx.AsyncClient(base_url=url) as http:
+    async with app_client(settings) as http:
         response = await http.options(
             "/v1/buddies/x",
             headers={

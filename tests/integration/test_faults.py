@@ -18,7 +18,7 @@ from service.config import Settings
 from service.dev.samples import build_delivery
 from tests.support.config import SECRET, make_settings
 from tests.support.harness import Process, Proxy, run_command, send_like_hatched, serve, service_env
-from tests.support.running import running_worker, wait_settled
+from tests.support.running import service_running, wait_settled
 from tests.support.scenario import expected_states, learning_day, mirrored_states, signed
 
 pytestmark = pytest.mark.slow
@@ -169,8 +169,6 @@ async def test_poison_delivery_ends_dead_while_later_ones_apply(
     settings = make_settings(
         migrated, redis_url, MIRROR_APPLY_MAX_ATTEMPTS="3", MIRROR_APPLY_BACKOFF_S="0.05"
     )
-    from service.app import create_app
-    from tests.support.running import serving
 
     buddy = "buddy_poison"
     sequence = [
@@ -192,7 +190,7 @@ async def test_poison_delivery_ends_dead_while_later_ones_apply(
         ),
         build_delivery("skill.leveled", "v1", secret=SECRET, buddy_id=buddy),
     ]
-    async with serving(create_app(settings)) as url, running_worker(settings):
+    async with service_running(settings) as url:
         async with httpx.AsyncClient(base_url=url) as http:
             for headers, body in sequence:
                 assert (
@@ -210,11 +208,9 @@ async def test_poison_delivery_ends_dead_while_later_ones_apply(
 async def test_rebuild_from_the_log_equals_the_live_state(
     settings: Settings, db: store.Pool, tmp_path: Path
 ) -> None:
-    from service.app import create_app
-    from tests.support.running import serving
 
     deliveries = _burst(17, buddies=20, per_buddy=25)
-    async with serving(create_app(settings)) as url, running_worker(settings):
+    async with service_running(settings) as url:
         async with httpx.AsyncClient(base_url=url, timeout=10) as http:
             assert await send_like_hatched(http, deliveries) == {202: len(deliveries)}
         await wait_settled(db)

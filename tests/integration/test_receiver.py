@@ -12,11 +12,10 @@ import httpx
 import pytest
 
 from service import store
-from service.app import create_app
 from service.dev.samples import build_delivery
 from service.ingest.signatures import signature_headers
 from tests.support.config import SECOND_SECRET, SECRET, make_settings
-from tests.support.running import serving
+from tests.support.running import app_client
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "hatched"
 CLOSED_PORT_PG = "postgresql://postgres@127.0.0.1:1/nothing"
@@ -215,7 +214,7 @@ async def test_oversized_chunked_body_is_413_while_reading(
 
 async def test_database_down_answers_503_with_retry_after(migrated: str, redis_url: str) -> None:
     settings = make_settings(CLOSED_PORT_PG, redis_url, MIRROR_DB_TIMEOUT_S="1")
-    async with serving(create_app(settings)) as url, httpx.AsyncClient(base_url=url) as http:
+    async with app_client(settings) as http:
         headers, body = build_delivery("coins.earned", "v2", secret=SECRET)
         started = time.monotonic()
         response = await http.post("/webhooks/hatched", content=body, headers=headers)
@@ -228,7 +227,7 @@ async def test_database_down_answers_503_with_retry_after(migrated: str, redis_u
 
 async def test_redis_down_still_answers_202_and_stores(migrated: str, db: store.Pool) -> None:
     settings = make_settings(migrated, CLOSED_PORT_REDIS)
-    async with serving(create_app(settings)) as url, httpx.AsyncClient(base_url=url) as http:
+    async with app_client(settings) as http:
         headers, body = build_delivery("coins.earned", "v2", secret=SECRET)
         response = await http.post("/webhooks/hatched", content=body, headers=headers)
         assert response.status_code == 202

@@ -14,7 +14,6 @@ import pytest
 from arq.connections import create_pool
 
 from service import store
-from service.app import create_app
 from service.apply.context import WorkerContext
 from service.apply.projector import public_view
 from service.apply.worker import reconcile
@@ -28,7 +27,7 @@ from service.ingest.wakeups import redis_settings
 from tests.support.config import ADMIN_TOKEN, SECRET, make_settings
 from tests.support.fake_hatched import FakeHatched, buddy_json
 from tests.support.harness import service_env
-from tests.support.running import running_worker, serving, wait_settled
+from tests.support.running import running_worker, service_running, wait_settled
 
 GET_BUDDY = "GET /buddies/{buddy_id}"
 LIST = "GET /buddies"
@@ -147,7 +146,7 @@ async def test_retried_and_reordered_v2_deliveries_converge_with_refresh(
     settings = with_hatched()
     deliveries, truth_json = late_retry_scenario("buddy_heal")
     world.set_buddy(truth_json)
-    async with serving(create_app(settings)) as server, running_worker(settings):
+    async with service_running(settings) as server:
         assert await post(server, deliveries) == [202, 202, 202]
         await wait_settled(db)
 
@@ -191,7 +190,7 @@ async def test_a_burst_causes_one_refresh_call_per_buddy(
                     },
                 )
             )
-    async with serving(create_app(settings)) as server, running_worker(settings):
+    async with service_running(settings) as server:
         assert set(await post(server, burst)) == {202}
         await wait_settled(db)
         await asyncio.sleep(3.0)
@@ -239,7 +238,7 @@ async def test_hatched_errors_never_touch_mirrored_state(
     world = fake
     settings = with_hatched()
     world.set_buddy(buddy_json("buddy_safe", coins=999))
-    async with serving(create_app(settings)) as server, running_worker(settings):
+    async with service_running(settings) as server:
         await post(
             server,
             [
@@ -286,7 +285,7 @@ async def test_reconciliation_refreshes_the_stalest_first(
     )
     for i in range(3):
         world.set_buddy(buddy_json(f"buddy_rec_{i}", coins=i * 100))
-    async with serving(create_app(settings)) as server, running_worker(settings):
+    async with service_running(settings) as server:
         await post(
             server,
             [
@@ -388,7 +387,7 @@ async def test_drift_is_counted(
     settings = with_hatched()
     deliveries, truth_json = late_retry_scenario("buddy_drift")
     world.set_buddy(truth_json)
-    async with serving(create_app(settings)) as server, running_worker(settings):
+    async with service_running(settings) as server:
         await post(server, deliveries)
         await asyncio.sleep(3)
         await wait_settled(db)

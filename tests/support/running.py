@@ -9,10 +9,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import httpx
 import uvicorn
 from starlette.applications import Starlette
 
 from service import store
+from service.app import create_app
 from service.apply.worker import create_worker, stop
 from service.config import Settings
 
@@ -44,6 +46,20 @@ async def running_worker(settings: Settings) -> AsyncIterator[None]:
         yield
     finally:
         await stop(worker, task, grace_s=30)
+
+
+@contextlib.asynccontextmanager
+async def service_running(settings: Settings) -> AsyncIterator[str]:
+    """The HTTP app and a worker for `settings`, as `serve` and `worker` run them; the base URL."""
+    async with serving(create_app(settings)) as url, running_worker(settings):
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the HTTP app for `settings` (no worker), on a real uvicorn server."""
+    async with serving(create_app(settings)) as url, httpx.AsyncClient(base_url=url) as http:
+        yield http
 
 
 async def wait_until(
