@@ -10,7 +10,6 @@ from typing import Any
 import httpx
 import pytest
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from starlette.applications import Starlette
 
 from service import store
 from service.app import create_app
@@ -24,22 +23,13 @@ from service.dev.samples import build_delivery
 from service.hatched.client import HatchedAPI
 from service.read import openapi
 from service.read.schemas import BuddyOut, ProblemOut
-from tests.support.config import API_TOKEN, SECRET, make_settings
+from tests.support.bootstrap import configured, deliver_outbox, with_knobs
+from tests.support.config import API_TOKEN, SECRET
 from tests.support.fake_hatched import DEFAULT_API_KEY, FakeHatched, buddy_json
 from tests.support.running import running_worker, serving, wait_until
 
 READ = {"Authorization": f"Bearer {API_TOKEN}"}
 USER = "user_first"
-
-
-def bootstrap_app(settings: Settings, *, demo: bool = False) -> Starlette:
-    return create_app(settings, demo=demo)
-
-
-def with_knobs(settings: Settings, **knobs: float) -> Settings:
-    """MIRROR_BOOTSTRAP_* values for one test (model_copy: works before and after config.py
-    declares them)."""
-    return settings.model_copy(update={f"bootstrap_{k}": v for k, v in knobs.items()})
 
 
 def problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
@@ -48,23 +38,6 @@ def problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
     assert ProblemOut.model_validate(response.json()).code == code
     body: dict[str, Any] = response.json()
     return body
-
-
-async def deliver_outbox(http: httpx.AsyncClient, fake: FakeHatched, start: int = 0) -> int:
-    """Send what Hatched queued (buddy.hatched after each hatch), signed, to the receiver."""
-    for event in fake.outbox[start:]:
-        headers, body = build_delivery(
-            event.type,
-            "v2",
-            secret=SECRET,
-            buddy_id=event.buddy_id,
-            delivery_id=event.delivery_id,
-            occurred_at=event.occurred_at,
-            data=event.data,
-        )
-        response = await http.post("/webhooks/hatched", content=body, headers=headers)
-        assert response.status_code == 202, response.text
-    return len(fake.outbox)
 
 
 async def row(pool: store.Pool, user_id: str = USER, key: str = "") -> dict[str, Any]:
@@ -90,16 +63,6 @@ async def wait_status(pool: store.Pool, status: str, user_id: str = USER, key: s
     await wait_until(reached, within=15)
 
 
-async def configured(migrated: str, redis_url: str, pool: store.Pool, fake_url: str) -> Settings:
-    """Settings with the fake Hatched as REST API, and a clean bootstraps table."""
-    await pool.execute("TRUNCATE bootstraps")
-    settings = make_settings(
-        migrated, redis_url, HATCHED_API_URL=fake_url, HATCHED_API_KEY=DEFAULT_API_KEY
-    )
-    # The fallback poller stays out of the way unless a test asks for it.
-    return with_knobs(settings, poll_after_s=60, poll_every_s=0.2, poll_max_s=120)
-
-
 @pytest.fixture
 async def boot_settings(
     settings: Settings, fake_url: str, migrated: str, redis_url: str, pool: store.Pool
@@ -110,7 +73,7 @@ async def boot_settings(
 @pytest.fixture
 async def http(boot_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     async with (
-        serving(bootstrap_app(boot_settings)) as url,
+        serving(create_app(boot_settings)) as url,
         httpx.AsyncClient(base_url=url, timeout=30) as client,
     ):
         yield client
@@ -542,7 +505,7 @@ async def test_wrong_hatched_key_is_a_hatched_error(
     boot_settings: Settings, fake: FakeHatched
 ) -> None:
     settings = boot_settings.model_copy(update={"hatched_api_key": "hk_wrong"})
-    async with serving(bootstrap_app(settings)) as url, httpx.AsyncClient(base_url=url) as http:
+    async with serving(create_app(settings)) as url, httpx.AsyncClient(base_url=url) as http:
         body = problem(await start(http), 502, "hatched_error")
     assert (body["hatched_status"], body["hatched_code"]) == (401, "unauthorized")
 
@@ -639,7 +602,7 @@ async def test_not_configured_and_unauthorized(settings: Settings, pool: store.P
         ("POST", f"/v1/users/{USER}/widget-session"),
         ("POST", f"/v1/users/{USER}/embed-token"),
     ]
-    async with serving(bootstrap_app(settings)) as url, httpx.AsyncClient(base_url=url) as http:
+    async with serving(create_app(settings)) as url, httpx.AsyncClient(base_url=url) as http:
         for method, path in routes:
             problem(await http.request(method, path), 401, "unauthorized")
             response = await http.request(method, path, headers=READ)

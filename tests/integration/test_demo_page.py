@@ -24,8 +24,9 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from service import store
+from service.app import create_app
 from service.config import Settings
-from tests.integration.test_bootstrap import bootstrap_app, configured, deliver_outbox
+from tests.support.bootstrap import configured, deliver_outbox
 from tests.support.config import API_TOKEN
 from tests.support.fake_hatched import FakeHatched, serve_fake
 from tests.support.running import running_worker, serving
@@ -180,7 +181,7 @@ async def test_demo_page_bootstraps_and_mounts_the_widget(
 
 async def drive_demo(binary: str, boot_settings: Settings, fake: FakeHatched) -> None:
     async with (
-        serving(bootstrap_app(boot_settings, demo=True)) as url,
+        serving(create_app(boot_settings, demo=True)) as url,
         running_worker(boot_settings),
         hatched_webhooks(url, fake),
         chromium(binary) as tab,
