@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -86,10 +87,24 @@ async def arq_redis(redis_url: str) -> AsyncIterator[ArqRedis]:
     await redis.aclose()
 
 
-def job_ctx(
-    settings: Settings, pool: store.Pool, redis: ArqRedis, hatched: HatchedAPI
-) -> WorkerContext:
-    return {"settings": settings, "pool": pool, "redis": redis, "hatched": hatched}
+@dataclass
+class Jobs:
+    """What the worker's bootstrap jobs run with, for calling them directly."""
+
+    pool: store.Pool
+    redis: ArqRedis
+    hatched_url: str
+
+    def hatched(self) -> HatchedAPI:
+        return HatchedAPI(self.hatched_url, DEFAULT_API_KEY)
+
+    def ctx(self, settings: Settings, hatched: HatchedAPI) -> WorkerContext:
+        return {"settings": settings, "pool": self.pool, "redis": self.redis, "hatched": hatched}
+
+
+@pytest.fixture
+def jobs(pool: store.Pool, arq_redis: ArqRedis, fake_url: str) -> Jobs:
+    return Jobs(pool, arq_redis, fake_url)
 
 
 async def queued_polls(redis: ArqRedis, settings: Settings) -> list[str]:
@@ -181,9 +196,7 @@ async def test_buddy_of_another_audience_is_completed_by_the_cron(
     http: httpx.AsyncClient,
     fake: FakeHatched,
     boot_settings: Settings,
-    pool: store.Pool,
-    arq_redis: ArqRedis,
-    fake_url: str,
+    jobs: Jobs,
 ) -> None:
     # No audience asked: the user's buddy of any audience answers, as GET /v1/users/{id}/buddy.
     fake.set_buddy(buddy_json("buddy_kids", USER, audience="kids"))
@@ -191,9 +204,9 @@ async def test_buddy_of_another_audience_is_completed_by_the_cron(
         response = await start(http)
     assert response.status_code == 200, response.text
     assert response.json()["audience"] == "kids"
-    async with HatchedAPI(fake_url, DEFAULT_API_KEY) as api:
-        await bootstrap_jobs.poll_stalled_hatches(job_ctx(boot_settings, pool, arq_redis, api))
-    state = await row(pool)
+    async with jobs.hatched() as api:
+        await bootstrap_jobs.poll_stalled_hatches(jobs.ctx(boot_settings, api))
+    state = await row(jobs.pool)
     assert (state["status"], state["buddy_id"]) == ("completed", "buddy_kids")
     assert not fake.eggs
 
@@ -224,25 +237,23 @@ async def test_polling_fallback_finishes_without_the_webhook(
     http: httpx.AsyncClient,
     fake: FakeHatched,
     boot_settings: Settings,
-    pool: store.Pool,
-    arq_redis: ArqRedis,
-    fake_url: str,
+    jobs: Jobs,
 ) -> None:
     fake.hatch_delay_s = 30  # still hatching at the first poll
     settings = with_knobs(boot_settings, poll_after_s=0)
     accepted = expect_202(await start(http))
-    assert await queued_polls(arq_redis, settings)  # the POST queued the first poll
-    async with HatchedAPI(fake_url, DEFAULT_API_KEY) as api:
-        ctx = job_ctx(settings, pool, arq_redis, api)
-        await arq_redis.delete(settings.queue_name)
+    assert await queued_polls(jobs.redis, settings)  # the POST queued the first poll
+    async with jobs.hatched() as api:
+        ctx = jobs.ctx(settings, api)
+        await jobs.redis.delete(settings.queue_name)
         assert await bootstrap_jobs.poll_operation(ctx, USER, "") == "pending"
-        assert await queued_polls(arq_redis, settings)  # and re-queued itself
+        assert await queued_polls(jobs.redis, settings)  # and re-queued itself
         fake.settle()  # the hatch completes; its buddy.hatched is never delivered
         assert await bootstrap_jobs.poll_operation(ctx, USER, "") == "mirroring"
     assert fake.calls["GET /operations/{operation_id}"] == 2
     async with running_worker(boot_settings):
-        await wait_status(pool, "completed")
-    state = await row(pool)
+        await wait_status(jobs.pool, "completed")
+    state = await row(jobs.pool)
     assert (state["operation_id"], state["polls"]) == (accepted.operation_id, 2)
     response = await start(http)
     assert response.status_code == 200, response.text
@@ -253,18 +264,16 @@ async def test_poll_waits_for_its_time_and_stops_when_the_webhook_won(
     http: httpx.AsyncClient,
     fake: FakeHatched,
     boot_settings: Settings,
-    pool: store.Pool,
-    arq_redis: ArqRedis,
-    fake_url: str,
+    jobs: Jobs,
 ) -> None:
     expect_202(await start(http))
-    async with HatchedAPI(fake_url, DEFAULT_API_KEY) as api:
-        ctx = job_ctx(boot_settings, pool, arq_redis, api)
+    async with jobs.hatched() as api:
+        ctx = jobs.ctx(boot_settings, api)
         assert await bootstrap_jobs.poll_operation(ctx, USER, "") == "waiting"  # poll_after_s=60
         await wait_outbox(fake)
         async with running_worker(boot_settings):
             await deliver_outbox(http, fake)
-            await wait_status(pool, "completed")
+            await wait_status(jobs.pool, "completed")
         assert await bootstrap_jobs.poll_operation(ctx, USER, "") == "done"
     assert fake.calls["GET /operations/{operation_id}"] == 0
 
@@ -273,24 +282,22 @@ async def test_stalled_hatch_is_polled_by_the_cron(
     http: httpx.AsyncClient,
     fake: FakeHatched,
     boot_settings: Settings,
-    pool: store.Pool,
-    arq_redis: ArqRedis,
-    fake_url: str,
+    jobs: Jobs,
 ) -> None:
     settings = with_knobs(boot_settings, poll_after_s=0.1)
     expect_202(await start(http))
-    await arq_redis.delete(settings.queue_name)  # the poll job was lost
-    await pool.execute(
+    await jobs.redis.delete(settings.queue_name)  # the poll job was lost
+    await jobs.pool.execute(
         "UPDATE bootstraps SET hatch_started_at = now() - interval '1 minute' WHERE user_id = $1",
         USER,
     )
     await wait_outbox(fake)
-    async with HatchedAPI(fake_url, DEFAULT_API_KEY) as api:
-        ctx = job_ctx(settings, pool, arq_redis, api)
+    async with jobs.hatched() as api:
+        ctx = jobs.ctx(settings, api)
         assert await bootstrap_jobs.poll_stalled_hatches(ctx) == 1
-        assert (await row(pool))["status"] == "mirroring"
+        assert (await row(jobs.pool))["status"] == "mirroring"
         async with running_worker(boot_settings):
-            await wait_status(pool, "completed")
+            await wait_status(jobs.pool, "completed")
         assert await bootstrap_jobs.poll_stalled_hatches(ctx) == 0
 
 
@@ -298,31 +305,29 @@ async def test_failed_and_timed_out_hatches_are_reported_then_retried(
     http: httpx.AsyncClient,
     fake: FakeHatched,
     boot_settings: Settings,
-    pool: store.Pool,
-    arq_redis: ArqRedis,
-    fake_url: str,
+    jobs: Jobs,
 ) -> None:
     settings = with_knobs(boot_settings, poll_after_s=0, poll_max_s=30)
     fake.fail_hatch = True
     first = expect_202(await start(http))
     fake.settle()
-    async with HatchedAPI(fake_url, DEFAULT_API_KEY) as api:
-        ctx = job_ctx(settings, pool, arq_redis, api)
+    async with jobs.hatched() as api:
+        ctx = jobs.ctx(settings, api)
         assert await bootstrap_jobs.poll_operation(ctx, USER, "") == "failed"
-        failed = await row(pool)
+        failed = await row(jobs.pool)
         assert failed["error"]["code"] == "hatch_failed"
         assert failed["error"]["hatched_code"] == "hatch_failed"
 
         fake.fail_hatch, fake.hatch_delay_s = False, 60
         second = expect_202(await start(http))  # the next call retries with the same egg
         assert second.operation_id != first.operation_id and len(fake.eggs) == 1
-        await pool.execute(
+        await jobs.pool.execute(
             "UPDATE bootstraps SET hatch_started_at = now() - interval '1 minute'"
             " WHERE user_id = $1",
             USER,
         )
         assert await bootstrap_jobs.poll_operation(ctx, USER, "") == "failed"
-        assert (await row(pool))["error"]["code"] == "hatch_timeout"
+        assert (await row(jobs.pool))["error"]["code"] == "hatch_timeout"
 
 
 # --- the user stream -----------------------------------------------------------------------
