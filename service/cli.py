@@ -1,4 +1,5 @@
-"""The commands of the contract: dev, migrate, serve, worker, send-test-event."""
+"""The commands of the contract: dev, migrate, serve, worker, replay, rebuild, backfill, forget,
+send-test-event."""
 
 from __future__ import annotations
 
@@ -331,6 +332,64 @@ async def _backfill(settings: Settings, target: Any) -> int:
         await api.aclose()
         await redis.aclose()
         await pool.close()
+
+
+@main.command()
+@click.option("--user-id", "user_ids", multiple=True, required=True, help="repeatable")
+def forget(user_ids: tuple[str, ...]) -> None:
+    """Erase end users: their buddies and everything derived from them (one transaction each).
+
+    Afterwards a delivery, refresh or backfill of an erased buddy is answered `forgotten` and
+    stored nowhere; a tombstone (a keyed hash of the buddy id) is all that is kept.
+    """
+    for user_id in user_ids:
+        if not user_id or len(user_id) > 256 or "\x00" in user_id:
+            raise click.UsageError("--user-id: must be 1 to 256 characters, without NUL")
+    settings = _settings("migrate")
+    for line in asyncio.run(_forget(settings, list(dict.fromkeys(user_ids)))):
+        click.echo(line)
+
+
+async def _forget(settings: Settings, user_ids: list[str]) -> list[str]:
+    from arq.connections import create_pool as create_redis
+
+    from service import erasure
+    from service.ingest.wakeups import redis_settings
+
+    assert settings.database_url is not None
+    pool = await store.create_pool(settings.database_url, size=1, timeout_s=settings.db_timeout_s)
+    redis = None
+    lines = []
+    try:
+        if settings.redis_url is not None:
+            try:
+                redis = await create_redis(
+                    redis_settings(settings.redis_url, settings.redis_timeout_s),
+                    default_queue_name=settings.queue_name,
+                )
+            except Exception as exc:  # Postgres is what holds the data; Redis only schedules
+                click.echo(f"Redis unreachable ({exc!r}): refresh schedules not dropped", err=True)
+        for user_id in user_ids:
+            try:
+                erased = await erasure.forget_user(pool, user_id, shards=settings.shards)
+            except erasure.ErasureBusy:
+                raise click.ClickException(
+                    f"user {user_id!r} kept gaining buddies while being erased; run it again"
+                ) from None
+            keys = None
+            if redis is not None:
+                keys = await erasure.forget_refreshes(redis, settings.queue_name, erased)
+            removed = ", ".join(f"{table} {n}" for table, n in erased.removed.items())
+            redis_part = "redis unreachable" if keys is None else f"redis keys {keys}"
+            lines.append(
+                f"forgot user {user_id!r}: {erased.buddies} buddies;"
+                f" removed {removed}; {redis_part}"
+            )
+    finally:
+        if redis is not None:
+            await redis.aclose()
+        await pool.close()
+    return lines
 
 
 @main.command("send-test-event")

@@ -64,8 +64,8 @@ async def pool(migrated: str) -> AsyncIterator[store.Pool]:
 async def db(pool: store.Pool) -> store.Pool:
     """A clean mirror for each test."""
     await pool.execute(
-        "TRUNCATE deliveries, delivery_states, buddies, ledger, backfill_checkpoints, bootstraps"
-        " RESTART IDENTITY"
+        "TRUNCATE deliveries, delivery_states, buddies, ledger, backfill_checkpoints, bootstraps,"
+        " tombstones RESTART IDENTITY"
     )
     return pool
 

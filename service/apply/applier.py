@@ -18,6 +18,7 @@ from service import store
 from service.apply.projector import Buddy, mirrored, project
 from service.hatched.refresh import REFRESH_EVENT, parse_snapshot
 from service.ingest.events import Event, Parsed, parse_delivery
+from service.store import erasure
 
 log = structlog.get_logger(__name__)
 
@@ -30,6 +31,7 @@ class BatchResult:
     dead: int = 0
     retried: int = 0
     inconsistencies: int = 0
+    forgotten: int = 0  # deliveries of erased buddies, deleted instead of applied
     changed: list[tuple[str, int]] = field(default_factory=list)
     # Buddies that webhooks (not refreshes) moved, those that broke rule 5's balance check,
     # and the fields refreshes had to correct: what the refresh scheduler and metrics need.
@@ -44,6 +46,7 @@ class BatchResult:
         self.dead += other.dead
         self.retried += other.retried
         self.inconsistencies += other.inconsistencies
+        self.forgotten += other.forgotten
         self.changed.extend(other.changed)
         self.touched |= other.touched
         self.inconsistent |= other.inconsistent
@@ -176,8 +179,11 @@ async def _apply_rows(conn: store.Conn, rows: list[asyncpg.Record]) -> BatchResu
         return result
     finished: list[tuple[int, str, str | None]] = []
     events: dict[str, list[tuple[int, Event]]] = defaultdict(list)
+    seqs_of: dict[str, list[int]] = defaultdict(list)
     for row in rows:
         parsed = parse_row(row)
+        if parsed.buddy_id is not None:
+            seqs_of[parsed.buddy_id].append(row["seq"])
         if parsed.status != "accepted" or parsed.event is None:
             # The receiver classifies these already; a changed parser may reclassify on replay.
             finished.append((row["seq"], parsed.status, parsed.reason))
@@ -201,6 +207,16 @@ async def _apply_rows(conn: store.Conn, rows: list[asyncpg.Record]) -> BatchResu
         events[buddy_id] = fresh
 
     current = await store.lock_buddies(conn, events)
+    # A buddy without a row may have been erased: a delivery that raced the erasure into the
+    # inbox, or a replay, must not bring it back. Only such batches pay this probe.
+    absent = [(b, seq) for b, seqs in seqs_of.items() if b not in current for seq in seqs]
+    if absent:
+        gone = await erasure.purge_forgotten(conn, absent)
+        purged = {seq for b, seq in absent if b in gone}
+        result.forgotten += len(purged)
+        for buddy_id in gone:
+            events.pop(buddy_id, None)
+        finished = [f for f in finished if f[0] not in purged]
     writes: list[tuple[Buddy, int]] = []
     ledger = []
     for buddy_id in sorted(events):
@@ -240,6 +256,8 @@ async def rebuild_buddy(conn: store.Conn, buddy_id: str) -> bool:
     """
     async with conn.transaction():
         current = await store.lock_buddies(conn, [buddy_id])
+        if buddy_id not in current and await erasure.is_forgotten(conn, buddy_id):
+            return False  # erased: nothing of it may be written again
         events = []
         for row in await store.applied_deliveries(conn, buddy_id):
             parsed = parse_row(row)
