@@ -110,7 +110,7 @@ async def apply_batch(
             raise
         # Something in the batch cannot be written (a value out of range, say). Apply the
         # buddies one by one so the poison is isolated and everyone else moves on.
-        log.warning("batch_failed_isolating", shards=list(shards), error=repr(exc))
+        log.warning("batch_failed_isolating", shards=list(shards), error=error_kind(exc))
         return await _apply_isolated(conn, shards, per_shard, limits)
 
 
@@ -154,12 +154,20 @@ async def _apply_group(
             delivery_id=rows[0]["delivery_id"],
             buddy_id=buddy_id,
             attempt=rows[0]["attempts"] + 1,
-            error=repr(exc),
+            error=error_kind(exc),
         )
         await store.retry_deliveries(
             conn, seqs, f"apply_error: {exc!r}"[:500], limits.max_attempts, limits.backoff_s
         )
         result.retried += 1
+
+
+def error_kind(exc: BaseException) -> str:
+    """What a failed apply logs: the kind of error, never its message, which may quote a value
+    from the delivery (Postgres echoes a value it refuses). The whole message is kept with the
+    delivery (`delivery_states.reason`, GET /v1/deliveries), where erasure reaches it."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    return f"{type(exc).__name__} (SQLSTATE {sqlstate})" if sqlstate else type(exc).__name__
 
 
 def parse_row(row: asyncpg.Record) -> Parsed:

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -36,7 +37,7 @@ from tests.conftest import (
     wait_settled,
 )
 from tests.fake_hatched import FakeHatched, buddy_json, serve_fake
-from tests.harness import run_command, service_env
+from tests.harness import Process, run_command, serve, service_env
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 READ = {"Authorization": f"Bearer {API_TOKEN}"}
@@ -545,3 +546,47 @@ async def test_forget_command_erases_each_user_and_says_what_went(
     assert (await run_command(service_env(migrated, redis_url), "forget")).returncode == 2
     response = await http.delete(f"/v1/users/{kept.user_id}", headers=READ)
     assert response.status_code == 401
+
+
+def test_no_body_reaches_the_logs(
+    migrated: str, redis_url: str, db: store.Pool, tmp_path: Path
+) -> None:
+    """Through receipt, apply, a failed apply, erasure and a late delivery: the logs of `serve`
+    and `worker` hold ids at most, never a value only the body had."""
+    user = make_user("logged")
+    env = service_env(migrated, redis_url)
+    serve_log, worker_log = tmp_path / "serve.log", tmp_path / "worker.log"
+    worker = Process(["worker"], env, worker_log).start()
+    try:
+        with serve(env, serve_log) as url, httpx.Client(base_url=url, timeout=15) as http:
+            deliveries = history(user)
+            # One the database refuses to apply (an amount out of bigint's range): its error
+            # message would quote the value.
+            deliveries.append(
+                build_delivery(
+                    "coins.earned",
+                    "v2",
+                    secret=SECRET,
+                    buddy_id=user.buddy_ids[0],
+                    data={"amount": 2**63 + 1, "balance": 2**63 + 1, "reason": user.names[1]},
+                )
+            )
+            for headers, body in deliveries:
+                assert http.post("/webhooks/hatched", content=body, headers=headers).is_success
+            deadline = time.monotonic() + 30
+            while any(
+                http.get(f"/v1/buddies/{b}", headers=READ).status_code != 200
+                for b in user.buddy_ids
+            ):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            time.sleep(1.0)
+            assert http.delete(f"/v1/users/{user.user_id}", headers=ADMIN).status_code == 200
+            late = history(user)[0]
+            assert http.post("/webhooks/hatched", content=late[1], headers=late[0]).is_success
+    finally:
+        worker.stop()
+    text = serve_log.read_text() + worker_log.read_text()
+    assert "user_forgotten" in text and "delivery_stored" in text
+    for value in (*user.names, *user.images, str(2**63 + 1)):
+        assert value not in text
