@@ -26,10 +26,14 @@ SELECT buddy_id FROM bootstraps WHERE user_id = $1 AND buddy_id IS NOT NULL
 # waiting in the inbox). The byte search is only a filter; the caller parses each one and keeps
 # those whose event names this user as owner. Applied deliveries need no search: their buddy is
 # in `buddies`.
+#
+# The waiting seqs come from the partial status index as an array, so each delivery is one
+# primary-key probe: joined instead, the planner reads the whole inbox to filter bodies first.
 UNAPPLIED_NAMING = """
 SELECT d.seq, d.delivery_id, d.format, d.headers, d.body, d.signed_at
-FROM delivery_states AS s JOIN deliveries AS d ON d.seq = s.seq
-WHERE s.status <> 'applied' AND d.buddy_id IS NOT NULL
+FROM deliveries AS d
+WHERE d.seq = ANY(ARRAY(SELECT s.seq FROM delivery_states AS s WHERE s.status <> 'applied'))
+  AND d.buddy_id IS NOT NULL
   AND position(convert_to($1::text, 'UTF8') IN d.body) > 0
 """
 
@@ -61,9 +65,11 @@ LOCK_INBOX = "LOCK TABLE deliveries IN SHARE ROW EXCLUSIVE MODE"
 ERASED_TABLES: tuple[tuple[str, str], ...] = (
     ("ledger", "DELETE FROM ledger WHERE buddy_id = ANY($2::text[])"),
     (
+        # One IN list (not an OR of two): each state row is then a primary-key probe.
         "delivery_states",
-        "DELETE FROM delivery_states WHERE seq = ANY($3::bigint[])"
-        " OR seq IN (SELECT seq FROM deliveries WHERE buddy_id = ANY($2::text[]))",
+        "DELETE FROM delivery_states WHERE seq IN"
+        " (SELECT seq FROM deliveries WHERE buddy_id = ANY($2::text[])"
+        " UNION ALL SELECT unnest($3::bigint[]))",
     ),
     (
         "deliveries",

@@ -62,9 +62,14 @@ async def insert_delivery(conn: Executor, d: NewDelivery) -> Stored:
 # caller made unique within the batch. A delivery for an erased buddy (its keyed hash has a
 # tombstone, sql/0011_erasure.sql) is not stored at all: it only counts a hit on the tombstone.
 # That probe is one primary-key lookup per distinct buddy of the batch, in the same statement.
+# The HMAC (two sha256 calls, about 20 us a delivery on the bench machine, a third of the
+# statement's time for a batch of 256) is skipped while no buddy was ever erased.
 INSERT_DELIVERIES = """
 WITH x AS (
-    SELECT x.*, erasure_hash(x.b) AS hash
+    SELECT x.*,
+           CASE WHEN (SELECT true FROM tombstones LIMIT 1)
+                THEN erasure_hmac(x.b, (SELECT inner_pad FROM erasure_key),
+                                  (SELECT outer_pad FROM erasure_key)) END AS hash
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
                 $7::timestamptz[], $8::timestamptz[], $9::text[], $10::bytea[],
                 $11::text[], $12::text[]) AS x(d, f, t, e, b, s, o, sa, h, body, st, r)

@@ -443,6 +443,63 @@ async def test_refresh_reconcile_and_backfill_of_an_erased_buddy_change_nothing(
     assert await db.fetchval("SELECT sum(hits) FROM tombstones") >= 5
 
 
+async def test_a_later_bootstrap_of_the_user_is_a_new_sign_up(
+    migrated: str,
+    redis_url: str,
+    db: store.Pool,
+    redis: aioredis.Redis,
+    fake: tuple[FakeHatched, str],
+) -> None:
+    world, url = fake
+    world.hatch_delay_s = 0.1
+    settings = make_settings(
+        migrated, redis_url, HATCHED_API_URL=url, HATCHED_API_KEY=world.api_key
+    )
+    user = make_user("signup", buddies=1)
+    world.set_buddy(buddy_json(user.buddy_ids[0], user_id=user.user_id, name=user.names[0]))
+    bootstrap = f"/v1/users/{user.user_id}/buddy"
+    async with (
+        serving(create_app(settings)) as server,
+        httpx.AsyncClient(base_url=server, timeout=30) as http,
+        running_worker(settings),
+    ):
+        first = await http.post(bootstrap, json={}, headers=READ)
+        assert first.status_code == 200 and first.json()["buddy_id"] == user.buddy_ids[0]
+        await forget(http, user.user_id)
+        assert await find_anywhere(db, user.needles) == []
+        # Hatched still has the buddy: the mirror does not take it back.
+        refused = await http.post(bootstrap, json={}, headers=READ)
+        assert refused.status_code == 409 and refused.json()["code"] == "buddy_forgotten"
+        assert await find_anywhere(db, user.needles[1:]) == []  # only the new row's user id
+        # Erased at Hatched too: the next bootstrap hatches a new buddy for the same user id.
+        del world.buddies[user.buddy_ids[0]]
+        hatching = await http.post(bootstrap, json={}, headers=READ)
+        assert hatching.status_code == 202, hatching.text
+        deadline = time.monotonic() + 10
+        while not world.outbox:
+            assert time.monotonic() < deadline, "the fake never hatched"
+            await asyncio.sleep(0.05)
+        event = world.outbox[-1]
+        headers, body = build_delivery(
+            event.type,
+            "v2",
+            secret=SECRET,
+            buddy_id=event.buddy_id,
+            delivery_id=event.delivery_id,
+            data=event.data,
+        )
+        assert (await http.post("/webhooks/hatched", content=body, headers=headers)).json()[
+            "status"
+        ] == "accepted"
+        await wait_settled(db)
+        mirrored = await http.get(bootstrap, headers=READ)
+        assert mirrored.status_code == 200
+        assert mirrored.json()["buddy_id"] == event.buddy_id != user.buddy_ids[0]
+        assert mirrored.json()["user_id"] == user.user_id
+        old = await http.get(f"/v1/buddies/{user.buddy_ids[0]}", headers=READ)
+        assert old.status_code == 404
+
+
 @pytest.mark.parametrize("run", range(4))
 async def test_erasure_racing_a_burst_of_deliveries_leaves_nothing(
     settings: Settings, http: httpx.AsyncClient, db: store.Pool, run: int
