@@ -64,9 +64,10 @@ class _Moved(Exception):
         self.found = found
 
 
-async def _candidates(conn: store.Conn, user_id: str) -> tuple[set[str], set[int]]:
-    """The user's buddy ids, and the shards their deliveries are stored under."""
-    buddies = await sql.user_buddies(conn, user_id)
+async def _candidates(conn: store.Conn, user_id: str, known: set[str]) -> tuple[set[str], set[int]]:
+    """The user's buddy ids (with those already `known`), and the shards their deliveries are
+    stored under."""
+    buddies = await sql.user_buddies(conn, user_id) | known
     shards: set[int] = set()
     for row in await sql.unapplied_naming(conn, user_id):
         parsed = parse_row(row)
@@ -97,13 +98,12 @@ async def _erase_once(
     conn: store.Conn, user_id: str, known: set[str], shard_count: int
 ) -> tuple[set[str], dict[str, int]]:
     async with conn.transaction():
-        buddies, stored_shards = await _candidates(conn, user_id)
-        buddies |= known
+        buddies, stored_shards = await _candidates(conn, user_id, known)
         shards = {shard_of(b, shard_count) for b in buddies} | stored_shards
         await sql.lock_shards_xact(conn, sorted(shards))
         await store.lock_buddies(conn, buddies)
         await sql.lock_inbox(conn)
-        again, again_shards = await _candidates(conn, user_id)
+        again, again_shards = await _candidates(conn, user_id, buddies)
         new = again - buddies
         if new or not again_shards <= shards:
             raise _Moved(buddies | again)
