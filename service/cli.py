@@ -346,50 +346,26 @@ def forget(user_ids: tuple[str, ...]) -> None:
         if not user_id or len(user_id) > 256 or "\x00" in user_id:
             raise click.UsageError("--user-id: must be 1 to 256 characters, without NUL")
     settings = _settings("migrate")
-    for line in asyncio.run(_forget(settings, list(dict.fromkeys(user_ids)))):
-        click.echo(line)
+    busy = asyncio.run(_forget(settings, list(dict.fromkeys(user_ids))))
+    if busy is not None:
+        raise click.ClickException(
+            f"user {busy!r} kept gaining buddies while being erased; run it again"
+        )
 
 
-async def _forget(settings: Settings, user_ids: list[str]) -> list[str]:
-    from arq.connections import create_pool as create_redis
-
+async def _forget(settings: Settings, user_ids: list[str]) -> str | None:
+    """Prints a line per user erased; returns the user that could not be, if any."""
     from service import erasure
-    from service.ingest.wakeups import redis_settings
 
-    assert settings.database_url is not None
-    pool = await store.create_pool(settings.database_url, size=1, timeout_s=settings.db_timeout_s)
-    redis = None
-    lines = []
-    try:
-        if settings.redis_url is not None:
-            try:
-                redis = await create_redis(
-                    redis_settings(settings.redis_url, settings.redis_timeout_s),
-                    default_queue_name=settings.queue_name,
-                )
-            except Exception as exc:  # Postgres is what holds the data; Redis only schedules
-                click.echo(f"Redis unreachable ({exc!r}): refresh schedules not dropped", err=True)
-        for user_id in user_ids:
-            try:
-                erased = await erasure.forget_user(pool, user_id, shards=settings.shards)
-            except erasure.ErasureBusy:
-                raise click.ClickException(
-                    f"user {user_id!r} kept gaining buddies while being erased; run it again"
-                ) from None
-            keys = None
-            if redis is not None:
-                keys = await erasure.forget_refreshes(redis, settings.queue_name, erased)
-            removed = ", ".join(f"{table} {n}" for table, n in erased.removed.items())
-            redis_part = "redis unreachable" if keys is None else f"redis keys {keys}"
-            lines.append(
-                f"forgot user {user_id!r}: {erased.buddies} buddies;"
-                f" removed {removed}; {redis_part}"
-            )
-    finally:
-        if redis is not None:
-            await redis.aclose()
-        await pool.close()
-    return lines
+    async for user_id, erased, keys in erasure.forget_users(settings, user_ids):
+        if erased is None:
+            return user_id
+        removed = ", ".join(f"{table} {n}" for table, n in erased.removed.items())
+        redis_part = "redis unreachable" if keys is None else f"redis keys {keys}"
+        click.echo(
+            f"forgot user {user_id!r}: {erased.buddies} buddies; removed {removed}; {redis_part}"
+        )
+    return None
 
 
 @main.command("send-test-event")

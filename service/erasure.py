@@ -21,19 +21,22 @@ Afterwards, with Postgres committed, the caller drops the buddies' refresh sched
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import asyncpg
 import structlog
 from arq.connections import ArqRedis
+from arq.connections import create_pool as create_redis
 
 from service import metrics, store
 from service.apply.applier import parse_row
 from service.bootstrap.repository import CHANNEL as USERS_CHANNEL
 from service.coerce import text
+from service.config import Settings
 from service.hatched.backfill import Target
 from service.hatched.debounce import cancel_refreshes
-from service.ingest.wakeups import shard_of
+from service.ingest.wakeups import redis_settings, shard_of
 from service.store import erasure as sql
 
 log = structlog.get_logger(__name__)
@@ -152,3 +155,36 @@ async def forget_refreshes(redis: ArqRedis, queue_name: str, erased: Erased) -> 
     except Exception as exc:  # any Redis failure
         log.warning("erasure_redis_unavailable", error=repr(exc))
         return None
+
+
+async def forget_users(
+    settings: Settings, user_ids: Sequence[str]
+) -> AsyncIterator[tuple[str, Erased | None, int | None]]:
+    """`hatched-mirror forget`: each user in turn, with (user id, what went or None when the
+    user kept changing, Redis keys removed or None when Redis is unreachable or unset)."""
+    assert settings.database_url is not None
+    pool = await store.create_pool(settings.database_url, size=1, timeout_s=settings.db_timeout_s)
+    redis: ArqRedis | None = None
+    try:
+        if settings.redis_url is not None:
+            try:
+                redis = await create_redis(
+                    redis_settings(settings.redis_url, settings.redis_timeout_s),
+                    default_queue_name=settings.queue_name,
+                )
+            except Exception as exc:  # Postgres holds the data; Redis only schedules refreshes
+                log.warning("erasure_redis_unavailable", error=repr(exc))
+        for user_id in user_ids:
+            try:
+                erased = await forget_user(pool, user_id, shards=settings.shards)
+            except ErasureBusy:
+                yield user_id, None, None
+                return
+            keys = None
+            if redis is not None:
+                keys = await forget_refreshes(redis, settings.queue_name, erased)
+            yield user_id, erased, keys
+    finally:
+        if redis is not None:
+            await redis.aclose()
+        await pool.close()
