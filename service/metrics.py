@@ -43,7 +43,8 @@ HATCHED_CALLS = Counter(
 HATCHED_SECONDS = Histogram("hatched_api_request_seconds", "Hatched REST API latency.", ["route"])
 REFRESHES = Counter(
     "hatched_refreshes_total",
-    "Buddy refreshes from the REST API, by outcome (stored, failed, not_found, skipped_budget).",
+    "Buddy refreshes from the REST API, by outcome (stored, failed, not_found, skipped_budget,"
+    " forgotten).",
     ["outcome"],
 )
 REFRESH_DRIFT = Counter(
