@@ -261,6 +261,20 @@ def endpoints(settings: Settings) -> list[Endpoint]:
             },
             tag="admin",
         ),
+        Endpoint(
+            "DELETE",
+            "/v1/users/{user_id}",
+            api.forget_user,
+            "Erase an end user: its buddies, their ledger, stored deliveries and bootstrap rows",
+            "admin",
+            {200: schemas.UserForgotten},
+            params=[text_param("user_id", "path")],
+            errors={
+                400: "invalid_parameter: user_id",
+                503: "unavailable: the database is unreachable, or the user kept changing; retry",
+            },
+            tag="admin",
+        ),
     ]
     return read + admin
 

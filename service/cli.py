@@ -1,4 +1,5 @@
-"""The commands of the contract: dev, migrate, serve, worker, send-test-event."""
+"""The commands of the contract: dev, migrate, serve, worker, replay, rebuild, backfill, forget,
+send-test-event."""
 
 from __future__ import annotations
 
@@ -183,6 +184,40 @@ def backfill(buddy_ids: tuple[str, ...], user_ids: tuple[str, ...], everything: 
         target = Target("user", user_ids)
     loaded = asyncio.run(run_from_settings(settings, target))
     click.echo(f"backfill loaded {loaded} buddies; the worker applies them")
+
+
+@main.command()
+@click.option("--user-id", "user_ids", multiple=True, required=True, help="repeatable")
+def forget(user_ids: tuple[str, ...]) -> None:
+    """Erase end users: their buddies and everything derived from them (one transaction each).
+
+    Afterwards a delivery, refresh or backfill of an erased buddy is answered `forgotten` and
+    stored nowhere; a tombstone (a keyed hash of the buddy id) is all that is kept.
+    """
+    for user_id in user_ids:
+        if not user_id or len(user_id) > 256 or "\x00" in user_id:
+            raise click.UsageError("--user-id: must be 1 to 256 characters, without NUL")
+    settings = _settings("migrate")
+    busy = asyncio.run(_forget(settings, list(dict.fromkeys(user_ids))))
+    if busy is not None:
+        raise click.ClickException(
+            f"user {busy!r} kept gaining buddies while being erased; run it again"
+        )
+
+
+async def _forget(settings: Settings, user_ids: list[str]) -> str | None:
+    """Prints a line per user erased; returns the user that could not be, if any."""
+    from service import erasure
+
+    async for user_id, erased, keys in erasure.forget_users(settings, user_ids):
+        if erased is None:
+            return user_id
+        removed = ", ".join(f"{table} {n}" for table, n in erased.removed.items())
+        redis_part = "redis unreachable" if keys is None else f"redis keys {keys}"
+        click.echo(
+            f"forgot user {user_id!r}: {erased.buddies} buddies; removed {removed}; {redis_part}"
+        )
+    return None
 
 
 @main.command("send-test-event")

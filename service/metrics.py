@@ -43,7 +43,8 @@ HATCHED_CALLS = Counter(
 HATCHED_SECONDS = Histogram("hatched_api_request_seconds", "Hatched REST API latency.", ["route"])
 REFRESHES = Counter(
     "hatched_refreshes_total",
-    "Buddy refreshes from the REST API, by outcome (stored, failed, not_found, skipped_budget).",
+    "Buddy refreshes from the REST API, by outcome (stored, failed, not_found, skipped_budget,"
+    " forgotten).",
     ["outcome"],
 )
 REFRESH_DRIFT = Counter(
@@ -52,6 +53,13 @@ REFRESH_DRIFT = Counter(
     ["field"],
 )
 SWEPT = Counter("hatched_sweep_wakeups_total", "Shards re-woken by the sweeper.")
+TOMBSTONE_HITS = Counter(
+    "hatched_tombstone_hits_total",
+    "Deliveries, refreshes and backfill loads of an erased buddy turned away, by path"
+    " (receiver, refresh, backfill).",
+    ["path"],
+)
+ERASURES = Counter("hatched_erasures_total", "End users erased (DELETE /v1/users/{id}, forget).")
 
 
 def type_label(event_type: str | None) -> str:

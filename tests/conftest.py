@@ -13,12 +13,14 @@ from service.config import Settings
 from tests.support import services
 from tests.support.config import make_settings
 
-# Every table of the schema but the record of applied migrations, read from the catalog so a
-# table added by a migration is reset too, without anyone remembering to list it.
+# Every table of the schema, read from the catalog so a table added by a migration is reset too,
+# without anyone remembering to list it; but for those whose rows the migrations themselves
+# wrote (the record of applied migrations, the erasure key), which are configuration, not data.
+KEPT_TABLES = ("schema_migrations", "erasure_key")
 RESET_TABLES = """
 SELECT string_agg(format('%I.%I', schemaname, tablename), ', ')
 FROM pg_tables
-WHERE schemaname = current_schema() AND tablename <> 'schema_migrations'
+WHERE schemaname = current_schema() AND tablename <> ALL($1::text[])
 """
 
 
@@ -53,7 +55,7 @@ async def pool(migrated: str) -> AsyncIterator[store.Pool]:
 
 @pytest.fixture(scope="session")
 async def reset_sql(pool: store.Pool) -> str:
-    tables = await pool.fetchval(RESET_TABLES)
+    tables = await pool.fetchval(RESET_TABLES, list(KEPT_TABLES))
     return f"TRUNCATE {tables} RESTART IDENTITY"
 
 

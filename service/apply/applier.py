@@ -18,6 +18,7 @@ from service import store
 from service.apply.projector import Buddy, mirrored, project
 from service.hatched.refresh import REFRESH_EVENT, parse_snapshot
 from service.ingest.events import Event, Parsed, parse_delivery
+from service.store import erasure
 
 log = structlog.get_logger(__name__)
 
@@ -30,6 +31,7 @@ class BatchResult:
     dead: int = 0
     retried: int = 0
     inconsistencies: int = 0
+    forgotten: int = 0  # deliveries of erased buddies, deleted instead of applied
     changed: list[tuple[str, int]] = field(default_factory=list)
     # Buddies that webhooks (not refreshes) moved, those that broke rule 5's balance check,
     # and the fields refreshes had to correct: what the refresh scheduler and metrics need.
@@ -44,6 +46,7 @@ class BatchResult:
         self.dead += other.dead
         self.retried += other.retried
         self.inconsistencies += other.inconsistencies
+        self.forgotten += other.forgotten
         self.changed.extend(other.changed)
         self.touched |= other.touched
         self.inconsistent |= other.inconsistent
@@ -107,7 +110,7 @@ async def apply_batch(
             raise
         # Something in the batch cannot be written (a value out of range, say). Apply the
         # buddies one by one so the poison is isolated and everyone else moves on.
-        log.warning("batch_failed_isolating", shards=list(shards), error=repr(exc))
+        log.warning("batch_failed_isolating", shards=list(shards), error=error_kind(exc))
         return await _apply_isolated(conn, shards, per_shard, limits)
 
 
@@ -151,12 +154,20 @@ async def _apply_group(
             delivery_id=rows[0]["delivery_id"],
             buddy_id=buddy_id,
             attempt=rows[0]["attempts"] + 1,
-            error=repr(exc),
+            error=error_kind(exc),
         )
         await store.retry_deliveries(
             conn, seqs, f"apply_error: {exc!r}"[:500], limits.max_attempts, limits.backoff_s
         )
         result.retried += 1
+
+
+def error_kind(exc: BaseException) -> str:
+    """What a failed apply logs: the kind of error, never its message, which may quote a value
+    from the delivery (Postgres echoes a value it refuses). The whole message is kept with the
+    delivery (`delivery_states.reason`, GET /v1/deliveries), where erasure reaches it."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    return f"{type(exc).__name__} (SQLSTATE {sqlstate})" if sqlstate else type(exc).__name__
 
 
 def parse_row(row: asyncpg.Record) -> Parsed:
@@ -176,8 +187,11 @@ async def _apply_rows(conn: store.Conn, rows: list[asyncpg.Record]) -> BatchResu
         return result
     finished: list[tuple[int, str, str | None]] = []
     events: dict[str, list[tuple[int, Event]]] = defaultdict(list)
+    seqs_of: dict[str, list[int]] = defaultdict(list)
     for row in rows:
         parsed = parse_row(row)
+        if parsed.buddy_id is not None:
+            seqs_of[parsed.buddy_id].append(row["seq"])
         if parsed.status != "accepted" or parsed.event is None:
             # The receiver classifies these already; a changed parser may reclassify on replay.
             finished.append((row["seq"], parsed.status, parsed.reason))
@@ -201,6 +215,16 @@ async def _apply_rows(conn: store.Conn, rows: list[asyncpg.Record]) -> BatchResu
         events[buddy_id] = fresh
 
     current = await store.lock_buddies(conn, events)
+    # A buddy without a row may have been erased: a delivery that raced the erasure into the
+    # inbox, or a replay, must not bring it back. Only such batches pay this probe.
+    absent = [(b, seq) for b, seqs in seqs_of.items() if b not in current for seq in seqs]
+    if absent:
+        gone = await erasure.purge_forgotten(conn, absent)
+        purged = {seq for b, seq in absent if b in gone}
+        result.forgotten += len(purged)
+        for buddy_id in gone:
+            events.pop(buddy_id, None)
+        finished = [f for f in finished if f[0] not in purged]
     writes: list[tuple[Buddy, int]] = []
     ledger = []
     for buddy_id in sorted(events):
@@ -240,6 +264,8 @@ async def rebuild_buddy(conn: store.Conn, buddy_id: str) -> bool:
     """
     async with conn.transaction():
         current = await store.lock_buddies(conn, [buddy_id])
+        if buddy_id not in current and await erasure.is_forgotten(conn, buddy_id):
+            return False  # erased: nothing of it may be written again
         events = []
         for row in await store.applied_deliveries(conn, buddy_id):
             parsed = parse_row(row)

@@ -32,6 +32,7 @@ from service.hatched.debounce import REFRESH_JOB, refresh_due_in, request_refres
 from service.hatched.errors import BudgetExhausted, HatchedAPIError
 from service.hatched.ratelimit import RedisTokenBucket
 from service.ingest.wakeups import APPLY_JOB, redis_settings, shard_of, wake, wake_key
+from service.store import erasure
 
 log = structlog.get_logger(__name__)
 
@@ -101,6 +102,8 @@ async def apply_shard(ctx: WorkerContext, shard: int) -> int:
             metrics.APPLIED.labels(status=status).inc(count)
     if result.inconsistencies:
         metrics.INCONSISTENCIES.inc(result.inconsistencies)
+    if result.forgotten:
+        metrics.TOMBSTONE_HITS.labels(path="apply").inc(result.forgotten)
     for field_name in result.drift:
         metrics.REFRESH_DRIFT.labels(field=field_name).inc()
     await _schedule_refreshes(ctx, result)
@@ -177,6 +180,12 @@ async def refresh_buddy(ctx: WorkerContext, buddy_id: str, priority: bool = Fals
         wait_s = await refresh_due_in(ctx["redis"], settings.queue_name, buddy_id)
         if wait_s > 0.05:
             raise Retry(defer=wait_s)
+    if await erasure.is_forgotten(ctx["pool"], buddy_id):
+        # Erased (a refresh queued before, or reconciliation): not even fetched.
+        await erasure.count_hit(ctx["pool"], buddy_id)
+        metrics.TOMBSTONE_HITS.labels(path="refresh").inc()
+        metrics.REFRESHES.labels(outcome="forgotten").inc()
+        return "forgotten"
     try:
         remote = await api.get_buddy(buddy_id, priority=priority)
     except BudgetExhausted:
@@ -193,7 +202,11 @@ async def refresh_buddy(ctx: WorkerContext, buddy_id: str, priority: bool = Fals
         metrics.REFRESHES.labels(outcome="not_found").inc()
         log.warning("refresh_not_found", buddy_id=buddy_id)
         return "not_found"
-    await refresh.store_snapshot(ctx["pool"], remote, shards=settings.shards)
+    if await refresh.store_snapshot(ctx["pool"], remote, shards=settings.shards) is None:
+        # Erased while the call was made.
+        metrics.TOMBSTONE_HITS.labels(path="refresh").inc()
+        metrics.REFRESHES.labels(outcome="forgotten").inc()
+        return "forgotten"
     await wake(ctx["redis"], settings.queue_name, shard_of(buddy_id, settings.shards))
     metrics.REFRESHES.labels(outcome="stored").inc()
     return "stored"

@@ -241,7 +241,10 @@ async def _lead(call: _Call, claim: uuid.UUID) -> Response:
             async with asyncio.timeout(LEAD_TIMEOUT_S):
                 outcome = await flow.start_flow(call.hatched, call.user_id, call.audience)
             if isinstance(outcome, RemoteBuddy):
-                await flow.mirror_remote(pool, outcome, settings.shards, call.state.waker.wake)
+                if not await flow.mirror_remote(
+                    pool, outcome, settings.shards, call.state.waker.wake
+                ):
+                    raise bootstrap_problems.buddy_forgotten()
                 # Unless the trigger completed the row already; if it could not match it (an
                 # audience that differs), the cron completes it, and readers go by buddy_id.
                 await repository.finish_start(

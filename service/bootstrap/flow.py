@@ -53,10 +53,13 @@ async def find_mirrored(
 
 async def mirror_remote(
     pool: store.Pool, buddy: RemoteBuddy, shards: int, wake_shard: Callable[[int], Awaitable[Any]]
-) -> None:
-    """Into the inbox like any delivery; the worker applies it, and the trigger completes."""
-    await store_snapshot(pool, buddy, shards=shards)
+) -> bool:
+    """Into the inbox like any delivery; the worker applies it, and the trigger completes.
+    False when the buddy was erased here (nothing stored): Hatched still holds it."""
+    if await store_snapshot(pool, buddy, shards=shards) is None:
+        return False
     await wake_shard(shard_of(buddy.buddy_id, shards))
+    return True
 
 
 async def start_flow(

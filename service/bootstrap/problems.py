@@ -30,6 +30,18 @@ def from_stored(stored: Mapping[str, Any]) -> Problem:
     )
 
 
+def buddy_forgotten() -> Problem:
+    """Hatched answered with the user's buddy, which was erased here (a tombstone keeps it out):
+    the bootstrap cannot complete with it. No id in the detail: the row keeps this problem."""
+    return Problem(
+        409,
+        "buddy_forgotten",
+        "Buddy erased",
+        "Hatched still holds this user's buddy, which was erased from the mirror; "
+        "erase it at Hatched too, then retry",
+    )
+
+
 def hatched_problem(exc: HatchedAPIError) -> Problem:
     """Hatched's refusal as this API's problem, with a stable code and Hatched's own details."""
     extra: dict[str, Any] = {"hatched_code": exc.code, "hatched_status": exc.status}

@@ -21,7 +21,8 @@ NEEDS_HATCHED = {409: "hatched_api_not_configured: HATCHED_API_URL/HATCHED_API_K
 HATCHED_ERRORS = {
     402: "hatched_payment_required: Hatched refused for billing reasons (hatched_code says why)",
     409: "hatched_api_not_configured; no_published_config (publish_url); active_egg_limit "
-    "(active: the user's unhatched eggs, none reusable)",
+    "(active: the user's unhatched eggs, none reusable); buddy_forgotten (Hatched still holds "
+    "the user's erased buddy)",
     429: "hatched_rate_limited: Hatched's (or the shared) request budget is spent; Retry-After",
     502: "hatched_unavailable (timeouts, 5xx; Retry-After) or hatched_error (any other refusal, "
     "with hatched_status and hatched_code)",

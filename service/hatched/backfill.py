@@ -57,19 +57,25 @@ async def run(
         cursor, done = checkpoint[0], checkpoint[1]
         progress(done)
 
-    async def keep(buddies: Sequence[RemoteBuddy]) -> None:
+    async def keep(buddies: Sequence[RemoteBuddy]) -> int:
+        """Store a page; how many were stored (an erased buddy is not)."""
         woken: set[int] = set()
+        skipped = 0
         for buddy in buddies:
-            await refresh.store_snapshot(pool, buddy, shards=shards)
+            if await refresh.store_snapshot(pool, buddy, shards=shards) is None:
+                # An erased buddy: stored nowhere, counted on its tombstone.
+                metrics.TOMBSTONE_HITS.labels(path="backfill").inc()
+                skipped += 1
+                continue
             woken.add(shard_of(buddy.buddy_id, shards))
         for shard in sorted(woken):
             await wake(redis, queue_name, shard)
         progress(len(buddies))
+        return len(buddies) - skipped
 
     if target.kind == "all":
         async for page, next_cursor in api.iter_pages(cursor=cursor, status="active"):
-            await keep(page)
-            done += len(page)
+            done += await keep(page)
             await store.save_checkpoint(pool, target.run_key, next_cursor, done, False)
     else:
         # For explicit lists the cursor is the position of the next id to load.
@@ -83,8 +89,7 @@ async def run(
                 loaded = []
                 async for page, _ in api.iter_pages(user_id=item, status="active"):
                     loaded.extend(page)
-            await keep(loaded)
-            done += len(loaded)
+            done += await keep(loaded)
             await store.save_checkpoint(pool, target.run_key, str(position + 1), done, False)
     await store.save_checkpoint(pool, target.run_key, None, done, True)
     return done

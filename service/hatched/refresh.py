@@ -25,8 +25,9 @@ async def store_snapshot(
     *,
     shards: int,
     fetched_at: datetime | None = None,
-) -> int:
-    """Put a fetched buddy into the inbox; returns its seq. The caller wakes the shard."""
+) -> int | None:
+    """Put a fetched buddy into the inbox; returns its seq, or None when the buddy was erased
+    (nothing stored: its tombstone counted the hit). The caller wakes the shard."""
     fetched_at = fetched_at or datetime.now(UTC)
     micros = int(fetched_at.timestamp() * 1_000_000)
     shard = shard_of(buddy.buddy_id, shards)
@@ -47,6 +48,8 @@ async def store_snapshot(
             reason=None,
         ),
     )
+    if seq == store.FORGOTTEN:
+        return None
     assert seq is not None  # the id carries the fetch time to the microsecond
     return seq
 

@@ -31,16 +31,17 @@ class Inbox:
         self._waker = waker
         self._max_batch = max_batch
         self._max_inflight = max_inflight
-        self._pending: deque[tuple[store.NewDelivery, asyncio.Future[int | None]]] = deque()
+        self._pending: deque[tuple[store.NewDelivery, asyncio.Future[store.Stored]]] = deque()
         self._inflight = 0
         self._tasks: set[asyncio.Task[object]] = set()
 
-    async def store(self, delivery: store.NewDelivery) -> int | None:
-        """Durably store one delivery; its seq, or None when the delivery id was stored before.
+    async def store(self, delivery: store.NewDelivery) -> store.Stored:
+        """Durably store one delivery; its seq, None when the delivery id was stored before,
+        or store.FORGOTTEN when its buddy was erased (then nothing was stored).
 
         Raises what the database raised (the caller answers 503).
         """
-        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[store.Stored] = asyncio.get_running_loop().create_future()
         self._pending.append((delivery, future))
         if self._inflight < self._max_inflight:
             self._spawn(self._flush())
@@ -69,7 +70,7 @@ class Inbox:
                 for (delivery, future), seq in zip(batch, seqs, strict=True):
                     if not future.done():
                         future.set_result(seq)
-                    if seq is not None and delivery.status == "accepted":
+                    if isinstance(seq, int) and delivery.status == "accepted":
                         shards.add(delivery.shard)
                 if shards:
                     # Not awaited by the requests: Hatched's answer never waits on Redis.

@@ -83,6 +83,16 @@ async def receive(request: Request) -> Response:
         metrics.DELIVERIES.labels(type=metrics.type_label(delivery.event_type), outcome="503").inc()
         raise unavailable("the inbox database is unreachable; retry later") from None
 
+    if seq == store.FORGOTTEN:
+        # The buddy was erased: nothing was stored, the tombstone counted the hit. A 2xx, so
+        # Hatched stops retrying.
+        metrics.DELIVERIES.labels(
+            type=metrics.type_label(delivery.event_type), outcome="forgotten"
+        ).inc()
+        metrics.TOMBSTONE_HITS.labels(path="receiver").inc()
+        log.info("delivery_forgotten")
+        return json_response({"delivery_id": parsed.delivery_id, "status": "forgotten"}, 202)
+
     if seq is None:
         metrics.DELIVERIES.labels(
             type=metrics.type_label(delivery.event_type), outcome="duplicate"

@@ -147,6 +147,10 @@ class Waker:
             self._fail(exc)
             return False
 
+    async def redis(self) -> ArqRedis | None:
+        """The connection, for callers with Redis work of their own (None: unreachable)."""
+        return await self._pool()
+
     async def ping(self) -> bool:
         redis = await self._pool()
         if redis is None:

@@ -14,7 +14,7 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service import store
+from service import erasure, store
 from service.apply.projector import Buddy, iso, public_view
 from service.auth import require_token
 from service.ingest.events import DELIVERY_STATUSES
@@ -266,6 +266,24 @@ async def refresh_buddy(request: Request) -> Response:
     if not await state.waker.request_refresh(buddy_id, priority=True):
         raise unavailable("could not queue the refresh; retry later")
     return json_response({"status": "queued", "buddy_id": buddy_id}, 202)
+
+
+async def forget_user(request: Request) -> Response:
+    """Erase the user's buddies and everything derived from them (service/erasure.py)."""
+    state = _admin(request)
+    user_id = request.path_params["user_id"]
+    if len(user_id) > 256 or "\x00" in user_id:
+        raise invalid_parameter("user_id", "must be 1 to 256 characters, without NUL")
+    try:
+        erased = await erasure.forget_user(state.pool, user_id, shards=state.settings.shards)
+    except erasure.ErasureBusy:
+        raise unavailable("the user kept gaining buddies while being erased; retry") from None
+    redis = await state.waker.redis()
+    if redis is not None:
+        await erasure.forget_refreshes(redis, state.settings.queue_name, erased)
+    return json_response(
+        {"user_id": user_id, "status": "forgotten", "buddies": erased.buddies}, 200
+    )
 
 
 async def stream_buddy(request: Request) -> Response:

@@ -120,7 +120,15 @@ class DeliveryPage(_Out):
 
 class ReceiverAnswer(_Out):
     delivery_id: str
-    status: Literal["accepted", "duplicate", "dead", "unmapped"]
+    status: Literal["accepted", "duplicate", "dead", "unmapped", "forgotten"]
+
+
+class UserForgotten(_Out):
+    """DELETE /v1/users/{user_id}: the user's buddies (how many) and their data are erased."""
+
+    user_id: str
+    status: Literal["forgotten"]
+    buddies: int
 
 
 class Queued(_Out):

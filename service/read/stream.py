@@ -2,7 +2,8 @@
 
 The apply transaction sends `NOTIFY hatched_mirror_buddies, '<buddy_id>:<version>'` at commit.
 A client's queue holds at most one wake-up: it always re-reads the latest state, so a burst of
-changes costs a slow client one read, never an unbounded backlog.
+changes costs a slow client one read, never an unbounded backlog. An erasure notifies
+`<buddy_id>:forgotten` instead: the buddy leaves the cache and its streams end.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from service.read.cache import BuddyCache
 log = structlog.get_logger(__name__)
 
 
+# The payload suffix of an erasure's NOTIFY (service/store/erasure.py), in place of a version.
+FORGOTTEN_SUFFIX = ":forgotten"
+
+
 class TooManyClients(Exception):
     pass
 
@@ -44,6 +49,7 @@ class Broadcaster:
         self._max = max_clients
         self._timeout = timeout_s
         self._subscribers: dict[str, set[asyncio.Queue[None]]] = defaultdict(set)
+        self._ended: set[asyncio.Queue[None]] = set()
         self._count = 0
         self._task: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
@@ -106,8 +112,15 @@ class Broadcaster:
         key = self.key(str(payload))
         if self.cache.enabled:
             self.cache.invalidate(key)
+        forgotten = str(payload).endswith(FORGOTTEN_SUFFIX)
         for queue in self._subscribers.get(key, ()):
+            if forgotten:
+                self._ended.add(queue)
             _poke(queue)
+
+    def ended(self, queue: asyncio.Queue[None]) -> bool:
+        """The subscription's buddy was erased: its stream must end."""
+        return queue in self._ended
 
     def _poke_all(self) -> None:
         for queues in self._subscribers.values():
@@ -126,6 +139,7 @@ class Broadcaster:
         finally:
             self._count -= 1
             self._subscribers[buddy_id].discard(queue)
+            self._ended.discard(queue)
             if not self._subscribers[buddy_id]:
                 del self._subscribers[buddy_id]
 
@@ -142,7 +156,7 @@ async def buddy_events(
     changes, until the process closes its streams. The one loop behind every buddy stream."""
     async with broadcaster.subscribe(buddy_id) as changed:
         sent = None
-        while not broadcaster.closing:
+        while not broadcaster.closing and not broadcaster.ended(changed):
             found = await store.get_buddy(pool, buddy_id)
             if found is not None and found[1] != sent:
                 sent = found[1]
