@@ -22,6 +22,11 @@ from service.read.cache import BuddyCache
 log = structlog.get_logger(__name__)
 
 
+# Subscribers under this key are woken by every notification (the change-feed streams). A NUL
+# cannot be in a buddy id (Postgres text), so no buddy stream shares it.
+EVERY_CHANGE = "\x00every"
+
+
 class TooManyClients(Exception):
     pass
 
@@ -104,6 +109,8 @@ class Broadcaster:
         if self.cache.enabled:
             self.cache.invalidate(key)
         for queue in self._subscribers.get(key, ()):
+            _poke(queue)
+        for queue in self._subscribers.get(EVERY_CHANGE, ()):
             _poke(queue)
 
     def _poke_all(self) -> None:

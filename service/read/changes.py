@@ -1,0 +1,261 @@
+"""The change feed over HTTP: GET /v1/changes (pages) and GET /v1/changes/stream (SSE).
+
+Both read the same keyset (service/store/changes.py): entries after a position, only of
+transactions that ended before every transaction still running, so a reader that has passed an
+entry never later finds a new one sorted before it. The position is the `change_id` itself
+(fixed-width hex of (txid, id)), so `after` takes a `next_cursor` or any `change_id`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import orjson
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service import store
+from service.apply.changes import FIELD_NAMES
+from service.apply.projector import iso
+from service.auth import require_token
+from service.config import Settings
+from service.problems import Problem, invalid_parameter, json_response, too_many_streams
+from service.read import schemas
+from service.read.openapi import Endpoint, Param, limit_param, text_param
+from service.read.stream import EVERY_CHANGE
+from service.state import AppState
+
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 100
+# Entries a stream reads per query while catching up.
+STREAM_PAGE = 500
+# How soon a stream looks again when ended transactions' entries wait behind a running one
+# (its end sends no notification when it wrote no change).
+HELD_POLL_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    after: store.Position | None
+    buddy_id: str | None
+    user_id: str | None
+    fields: list[str]
+
+
+def _reader(request: Request) -> AppState:
+    state: AppState = request.app.state.mirror
+    require_token(request, state.settings.api_tokens)
+    return state
+
+
+def _text(request: Request, name: str) -> str | None:
+    value = request.query_params.get(name)
+    if value is not None and (not value or len(value) > 256 or "\x00" in value):
+        raise invalid_parameter(name, "must be 1 to 256 characters, without NUL")
+    return value
+
+
+def _position(raw: str, name: str) -> store.Position:
+    position = store.Position.parse(raw)
+    if position is None:
+        raise Problem(
+            400,
+            "invalid_cursor",
+            "Invalid cursor",
+            f"`{name}`: not a change_id or next_cursor of this feed",
+        )
+    return position
+
+
+def _query(request: Request, *, stream: bool = False) -> Query:
+    fields = request.query_params.getlist("field")
+    unknown = sorted(set(fields) - FIELD_NAMES)
+    if unknown:
+        raise invalid_parameter("field", f"{unknown[0]!r} is not a field of the buddy object")
+    after = None
+    if (raw := request.query_params.get("after")) is not None:
+        after = _position(raw, "after")
+    if stream and (raw := request.headers.get("last-event-id")) is not None:
+        # A reconnecting EventSource sends the last id it saw, and the URL it first opened:
+        # the id is the newer place.
+        after = _position(raw.strip(), "Last-Event-ID")
+    return Query(after, _text(request, "buddy_id"), _text(request, "user_id"), sorted(set(fields)))
+
+
+def _limit(request: Request) -> int:
+    raw = request.query_params.get("limit")
+    if raw is None:
+        return DEFAULT_LIMIT
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise invalid_parameter("limit", f"must be an integer from 1 to {MAX_LIMIT}")
+    return int(raw)
+
+
+def _check_retained(after: store.Position | None, bounds: store.Bounds) -> None:
+    if after is not None and after < bounds.pruned:
+        raise Problem(
+            410,
+            "cursor_expired",
+            "Cursor expired",
+            "entries after this cursor were pruned (MIRROR_CHANGES_RETENTION_DAYS); "
+            "start again without `after` and rebuild from the buddies",
+        )
+
+
+def _key(row: asyncpg.Record) -> store.Position:
+    return store.Position(row["txid"], row["id"])
+
+
+def render(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "change_id": _key(row).token(),
+        "buddy_id": row["buddy_id"],
+        "user_id": row["user_id"],
+        "audience": row["audience"],
+        "version": row["version"],
+        "committed_at": iso(row["committed_at"]),
+        "cause": {
+            "kind": row["cause_kind"],
+            "delivery_id": row["delivery_id"],
+            "event_type": row["event_type"],
+        },
+        "changed": row["changed"],
+    }
+
+
+async def _read(
+    pool: store.Pool, q: Query, after: store.Position, bounds: store.Bounds, limit: int
+) -> list[asyncpg.Record]:
+    return await store.changes_page(
+        pool,
+        after,
+        bounds.xmin,
+        buddy_id=q.buddy_id,
+        user_id=q.user_id,
+        fields=q.fields,
+        limit=limit,
+    )
+
+
+def _next(after: store.Position, rows: list[asyncpg.Record], limit: int, xmin: int) -> str:
+    """Past the last entry; on a short page, past everything below xmin (all of it was read,
+    filters included), so a filtered poller does not scan the same entries again."""
+    if len(rows) >= limit:
+        return _key(rows[-1]).token()
+    return max(after, store.Position(xmin, 0)).token()
+
+
+async def list_changes(request: Request) -> Response:
+    state = _reader(request)
+    q = _query(request)
+    limit = _limit(request)
+    bounds = await store.feed_bounds(state.pool)
+    _check_retained(q.after, bounds)
+    after = q.after or store.START
+    rows = await _read(state.pool, q, after, bounds, limit)
+    return json_response(
+        {"data": [render(r) for r in rows], "next_cursor": _next(after, rows, limit, bounds.xmin)}
+    )
+
+
+async def stream_changes(request: Request) -> Response:
+    """SSE: every change after the position, as it commits; `id:` is the change_id."""
+    state = _reader(request)
+    q = _query(request, stream=True)
+    broadcaster = state.broadcaster
+    if broadcaster.clients >= state.settings.stream_max_clients:
+        raise too_many_streams()
+    _check_retained(q.after, await store.feed_bounds(state.pool))
+
+    async def events() -> AsyncIterator[ServerSentEvent]:
+        # Subscribed before the first read: a commit in between leaves its wake-up queued.
+        async with broadcaster.subscribe(EVERY_CHANGE) as woken:
+            position = q.after or store.START
+            while not broadcaster.closing:
+                bounds = await store.feed_bounds(state.pool)
+                if position < bounds.pruned:
+                    return  # fell behind the retention: the reconnect is answered 410
+                rows = await _read(state.pool, q, position, bounds, STREAM_PAGE)
+                for row in rows:
+                    position = _key(row)
+                    yield ServerSentEvent(
+                        data=orjson.dumps(render(row)).decode(), event="change", id=position.token()
+                    )
+                if len(rows) >= STREAM_PAGE:
+                    continue
+                position = max(position, store.Position(bounds.xmin, 0))
+                if bounds.held:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(woken.get(), HELD_POLL_S)
+                else:
+                    await woken.get()
+
+    return EventSourceResponse(
+        events(), ping=state.settings.stream_ping_s, headers={"Cache-Control": "no-cache"}
+    )
+
+
+_FILTERS = [
+    Param(
+        "after",
+        "query",
+        {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+        description="a next_cursor or change_id; absent: the oldest retained entry",
+    ),
+    text_param("buddy_id"),
+    text_param("user_id"),
+    Param(
+        "field",
+        "query",
+        {"type": "array", "items": {"type": "string", "enum": sorted(FIELD_NAMES)}},
+        description="only changes of this top-level field (repeatable: any of them)",
+    ),
+]
+_ERRORS = {
+    400: "invalid_parameter or invalid_cursor: the parameter is named in `detail`",
+    410: "cursor_expired: entries after the cursor were pruned",
+}
+
+
+def endpoints(settings: Settings) -> list[Endpoint]:
+    return [
+        Endpoint(
+            "GET",
+            "/v1/changes",
+            list_changes,
+            "The change feed, oldest first",
+            "api",
+            {200: schemas.ChangePage},
+            params=[*_FILTERS, limit_param(MAX_LIMIT, DEFAULT_LIMIT)],
+            errors=_ERRORS,
+            tag="changes",
+        ),
+        Endpoint(
+            "GET",
+            "/v1/changes/stream",
+            stream_changes,
+            "Server-Sent Events: each change as it commits (event `change`, id = change_id)",
+            "api",
+            {200: "text/event-stream"},
+            params=[
+                *_FILTERS,
+                Param(
+                    "Last-Event-ID",
+                    "header",
+                    {"type": "string"},
+                    description="resume right after this change_id (sent by EventSource)",
+                ),
+            ],
+            errors={
+                **_ERRORS,
+                503: "too_many_streams: this process serves its maximum of live streams",
+            },
+            tag="changes",
+        ),
+    ]

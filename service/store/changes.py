@@ -1,0 +1,145 @@
+"""The change feed's table: the entries the apply statement writes, the reads, the pruning.
+
+Readers see an entry only once every transaction older than its own has ended (the snapshot's
+xmin, sql/0010_changes.sql), so the feed is in commit order: nothing new ever sorts before
+what a reader has already passed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from service.store.pool import Executor
+
+
+# A part of WRITE_BATCH (service/store/buddies.py): the batch's entries as one JSON array.
+# The table's defaults give each row its transaction id, sequence and time.
+def insert_changes(rows: str) -> str:
+    return f"""
+INSERT INTO changes (buddy_id, user_id, audience, version, cause_kind, delivery_id,
+                     event_type, changed)
+SELECT buddy_id, user_id, audience, version, cause_kind, delivery_id, event_type, changed
+FROM jsonb_populate_recordset(NULL::changes, {rows}::jsonb)
+"""
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class Position:
+    """A place in the feed: after the entry (txid, id). (xmin, 0) is "after everything of the
+    transactions below xmin"."""
+
+    txid: int
+    id: int
+
+    def token(self) -> str:
+        """The change_id / cursor: fixed-width hex, so string order is feed order."""
+        return f"{self.txid:016x}{self.id:016x}"
+
+    @classmethod
+    def parse(cls, token: str) -> Position | None:
+        if len(token) != 32 or token.strip("0123456789abcdef"):
+            return None
+        return cls(int(token[:16], 16), int(token[16:], 16))
+
+
+START = Position(0, 0)
+
+# Where readers may read up to, and where pruning stopped. `held`: entries of ended
+# transactions wait behind an older one still running (a reader should look again soon).
+FEED_BOUNDS = """
+SELECT s.xmin, h.txid AS pruned_txid, h.id AS pruned_id,
+       EXISTS (SELECT 1 FROM changes WHERE txid >= s.xmin) AS held
+FROM (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin) AS s
+CROSS JOIN changes_horizon AS h
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    xmin: int
+    pruned: Position
+    held: bool
+
+
+async def feed_bounds(conn: Executor) -> Bounds:
+    row = await conn.fetchrow(FEED_BOUNDS)
+    assert row is not None
+    return Bounds(row["xmin"], Position(row["pruned_txid"], row["pruned_id"]), row["held"])
+
+
+# Keyset over the primary key, or the buddy or user index when one of those filters is given
+# (each plan is made for its parameters: plan_cache_mode = force_custom_plan).
+CHANGES_PAGE = """
+SELECT txid, id, buddy_id, user_id, audience, version, committed_at, cause_kind, delivery_id,
+       event_type, changed
+FROM changes
+WHERE (txid, id) > ($1, $2) AND txid < $3
+  AND ($4::text IS NULL OR buddy_id = $4)
+  AND ($5::text IS NULL OR user_id = $5)
+  AND ($6::text[] IS NULL OR changed ?| $6)
+ORDER BY txid, id
+LIMIT $7
+"""
+
+
+async def changes_page(
+    conn: Executor,
+    after: Position,
+    below_txid: int,
+    *,
+    buddy_id: str | None = None,
+    user_id: str | None = None,
+    fields: Sequence[str] | None = None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """Entries after `after` of transactions below `below_txid` (a snapshot's xmin)."""
+    return list(
+        await conn.fetch(
+            CHANGES_PAGE,
+            after.txid,
+            after.id,
+            below_txid,
+            buddy_id,
+            user_id,
+            list(fields) if fields else None,
+            limit,
+        )
+    )
+
+
+# Oldest first, by feed order, stopping at the first entry still within retention: a bounded
+# read of the primary key per batch, however large the feed. The horizon remembers the last
+# entry deleted, so a cursor that far behind is told it missed entries (410).
+PRUNE_CHANGES = """
+WITH head AS (
+    SELECT txid, id, committed_at FROM changes ORDER BY txid, id LIMIT $2
+),
+keep AS (
+    SELECT min(txid) AS txid FROM head
+    WHERE committed_at >= now() - make_interval(secs => $1)
+),
+gone AS (
+    DELETE FROM changes AS c
+    USING head AS h
+    WHERE c.txid = h.txid AND c.id = h.id
+      AND h.txid < coalesce((SELECT txid FROM keep), 9223372036854775807)
+    RETURNING c.txid, c.id
+),
+last AS (
+    SELECT txid, id FROM gone ORDER BY txid DESC, id DESC LIMIT 1
+),
+moved AS (
+    UPDATE changes_horizon AS z SET txid = l.txid, id = l.id
+    FROM last AS l
+    WHERE (l.txid, l.id) > (z.txid, z.id)
+)
+SELECT count(*) FROM gone
+"""
+
+
+async def prune_changes(conn: Executor, older_than_s: float, limit: int) -> int:
+    deleted: int = await conn.fetchval(PRUNE_CHANGES, older_than_s, limit)
+    return deleted
