@@ -74,13 +74,28 @@ FIELD_NAMES = frozenset(name for name, _, _ in FIELDS)
 _BOOKKEEPING = "last_event_at"
 
 
+# Which public field each Buddy attribute belongs to, and how that field is rendered.
+_FIELD_OF = {attr: name for name, attrs, _ in FIELDS for attr in attrs}
+_RENDER = {name: render for name, _, render in FIELDS}
+
+
 def diff(before: Buddy | None, after: Buddy) -> dict[str, dict[str, Any]]:
     """{field: {"from", "to"}} for every top-level field whose public value differs (`from`
-    null for a new buddy); empty when only `last_event_at` moved, or nothing did."""
+    null for a new buddy); empty when only `last_event_at` moved, or nothing did.
+
+    Runs once per changed buddy per batch on the apply path: the attributes are compared as
+    they are (a dict lookup each), and only the fields that moved are rendered."""
+    new_attrs = vars(after)
+    if before is None:
+        moved = dict.fromkeys(_RENDER)
+    else:
+        old_attrs = vars(before)
+        moved = {_FIELD_OF[a]: None for a in _FIELD_OF if old_attrs[a] != new_attrs[a]}
+        if not moved or (len(moved) == 1 and _BOOKKEEPING in moved):
+            return {}
     out: dict[str, dict[str, Any]] = {}
-    for name, attrs, render in FIELDS:
-        if before is not None and all(getattr(before, a) == getattr(after, a) for a in attrs):
-            continue
+    for name in moved:
+        render = _RENDER[name]
         old = render(before) if before is not None else None
         new = render(after)
         if old != new:
