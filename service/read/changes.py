@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import asyncpg
 import orjson
@@ -22,7 +21,6 @@ from starlette.responses import Response
 
 from service import store
 from service.apply.changes import FIELD_NAMES
-from service.apply.projector import iso
 from service.auth import require_token
 from service.config import Settings
 from service.problems import Problem, invalid_parameter, json_response, too_many_streams
@@ -112,21 +110,9 @@ def _key(row: asyncpg.Record) -> store.Position:
     return store.Position(row["txid"], row["id"])
 
 
-def render(row: asyncpg.Record) -> dict[str, Any]:
-    return {
-        "change_id": _key(row).token(),
-        "buddy_id": row["buddy_id"],
-        "user_id": row["user_id"],
-        "audience": row["audience"],
-        "version": row["version"],
-        "committed_at": iso(row["committed_at"]),
-        "cause": {
-            "kind": row["cause_kind"],
-            "delivery_id": row["delivery_id"],
-            "event_type": row["event_type"],
-        },
-        "changed": row["changed"],
-    }
+def render(row: asyncpg.Record) -> orjson.Fragment:
+    """The change as JSON, as the query built it (service/store/changes.py, CHANGES_PAGE)."""
+    return orjson.Fragment(row["doc"])
 
 
 async def _read(
@@ -171,12 +157,14 @@ async def stream_changes(request: Request) -> Response:
     broadcaster = state.broadcaster
     if broadcaster.clients >= state.settings.stream_max_clients:
         raise too_many_streams()
-    _check_retained(q.after, await store.feed_bounds(state.pool))
+    start = await store.feed_bounds(state.pool)
+    _check_retained(q.after, start)
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         # Subscribed before the first read: a commit in between leaves its wake-up queued.
         async with broadcaster.subscribe(EVERY_CHANGE) as woken:
-            position = q.after or store.START
+            # Without `after`: the oldest retained entry, i.e. the first past the pruned ones.
+            position = q.after or start.pruned
             while not broadcaster.closing:
                 bounds = await store.feed_bounds(state.pool)
                 if position < bounds.pruned:
@@ -184,9 +172,7 @@ async def stream_changes(request: Request) -> Response:
                 rows = await _read(state.pool, q, position, bounds, STREAM_PAGE)
                 for row in rows:
                     position = _key(row)
-                    yield ServerSentEvent(
-                        data=orjson.dumps(render(row)).decode(), event="change", id=position.token()
-                    )
+                    yield ServerSentEvent(data=row["doc"], event="change", id=position.token())
                 if len(rows) >= STREAM_PAGE:
                     continue
                 position = max(position, store.Position(bounds.xmin, 0))

@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from service import store
+from service.app import create_app
 from service.apply.applier import ApplyLimits, drain_shards, rebuild_buddy
 from service.apply.changes import FIELD_NAMES, Cause, diff, entry
 from service.apply.projector import Buddy, public_view
@@ -24,7 +25,7 @@ from service.hatched.refresh import store_snapshot
 from service.hatched.remote import RemoteBuddy
 from service.ingest.signatures import signature_headers
 from service.read.schemas import ChangePage
-from tests.conftest import API_TOKEN, SECRET, wait_until
+from tests.conftest import API_TOKEN, SECRET, make_settings, serving, wait_until
 from tests.scenario import learning_day, signed
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
@@ -314,6 +315,7 @@ async def test_bad_parameters_are_problems(server: str, feed: store.Pool) -> Non
         for params, code in [
             ({"after": "nope"}, "invalid_cursor"),
             ({"after": "G" * 32}, "invalid_cursor"),
+            ({"after": "f" * 32}, "invalid_cursor"),  # beyond a bigint
             ({"limit": "0"}, "invalid_parameter"),
             ({"limit": "1001"}, "invalid_parameter"),
             ({"field": "version"}, "invalid_parameter"),
@@ -352,6 +354,15 @@ async def test_a_cursor_older_than_retention_is_gone(
             assert r.status_code == 410 and r.json()["code"] == "cursor_expired"
     # Past the last pruned entry nothing was missed.
     assert len(await all_changes(server, after=old[3])) == 2
+    # Without a cursor, pull and stream start at the oldest retained entry.
+    assert len(await all_changes(server)) == 2
+    async with (
+        httpx.AsyncClient(base_url=server, timeout=30, headers=AUTH) as http,
+        http.stream("GET", "/v1/changes/stream") as r,
+    ):
+        assert r.status_code == 200
+        streamed = await asyncio.wait_for(_read_events(r, 2), 10)
+    assert [ident for ident, _ in streamed] == [e["change_id"] for e in entries[4:]]
 
 
 async def _read_events(response: httpx.Response, n: int) -> list[tuple[str, dict[str, Any]]]:
@@ -458,3 +469,19 @@ async def test_replaying_the_feed_rebuilds_the_mirror(
         expected = {k: v for k, v in view.items() if k in FIELD_NAMES and k != "last_event_at"}
         assert state == expected
         assert last_seen <= view["last_event_at"]
+
+
+async def test_change_streams_are_bounded(migrated: str, redis_url: str, feed: store.Pool) -> None:
+    limits = {"MIRROR_STREAM_MAX_CLIENTS": "1", "MIRROR_STREAM_PING_S": "0.2"}
+    one = make_settings(migrated, redis_url, **limits)
+    async with (
+        serving(create_app(one)) as url,
+        httpx.AsyncClient(base_url=url, timeout=30, headers=AUTH) as http,
+        http.stream("GET", "/v1/changes/stream") as first,
+    ):
+        assert first.status_code == 200
+        second = await http.get("/v1/changes/stream")
+        assert second.status_code == 503 and second.json()["code"] == "too_many_streams"
+        # Keep-alives flow while nothing changes.
+        lines = first.aiter_lines()
+        assert (await asyncio.wait_for(anext(lines), 5)).startswith(":")
