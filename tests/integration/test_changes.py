@@ -26,6 +26,7 @@ from service.hatched.remote import RemoteBuddy
 from service.ingest.signatures import signature_headers
 from service.read.schemas import ChangePage
 from tests.conftest import API_TOKEN, SECRET, make_settings, serving, wait_until
+from tests.harness import run_command, service_env
 from tests.scenario import learning_day, signed
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
@@ -485,3 +486,32 @@ async def test_change_streams_are_bounded(migrated: str, redis_url: str, feed: s
         # Keep-alives flow while nothing changes.
         lines = first.aiter_lines()
         assert (await asyncio.wait_for(anext(lines), 5)).startswith(":")
+
+
+async def test_tail_changes_prints_the_feed(
+    settings: Settings,
+    server: str,
+    migrated: str,
+    redis_url: str,
+    feed: store.Pool,
+    applier: store.Pool,
+) -> None:
+    await post(server, delivery("buddy.hatched", "buddy_t", 0, name="Pip"))
+    await apply_all(applier, settings)
+    await post(server, delivery("coins.earned", "buddy_t", 5, amount=7, balance=7))
+    await apply_all(applier, settings)
+    first, second = await all_changes(server)
+    env = service_env(migrated, redis_url)
+    done = await run_command(env, "tail-changes", "--no-follow")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2
+    assert "buddy_t v1" in lines[0] and 'name null -> "Pip"' in lines[0]
+    assert "[delivery coins.earned]" in lines[1] and "coins null -> 7" in lines[1]
+    assert lines[1].endswith(f"({second['change_id']})")
+    resumed = await run_command(
+        env, "tail-changes", "--no-follow", "--after", first["change_id"], "--field", "coins"
+    )
+    assert resumed.stdout.splitlines() == lines[1:]
+    bad = await run_command(env, "tail-changes", "--no-follow", "--after", "nope")
+    assert bad.returncode == 2 and "change_id" in bad.stderr
