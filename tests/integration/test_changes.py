@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from service import store
 from service.app import create_app
@@ -25,7 +26,15 @@ from service.hatched.refresh import store_snapshot
 from service.hatched.remote import RemoteBuddy
 from service.ingest.signatures import signature_headers
 from service.read.schemas import ChangePage
-from tests.conftest import API_TOKEN, SECRET, make_settings, serving, wait_until
+from tests.conftest import (
+    API_TOKEN,
+    SECRET,
+    make_settings,
+    running_worker,
+    serving,
+    wait_settled,
+    wait_until,
+)
 from tests.harness import run_command, service_env
 from tests.scenario import learning_day, signed
 
@@ -515,3 +524,22 @@ async def test_tail_changes_prints_the_feed(
     assert resumed.stdout.splitlines() == lines[1:]
     bad = await run_command(env, "tail-changes", "--no-follow", "--after", "nope")
     assert bad.returncode == 2 and "change_id" in bad.stderr
+
+
+async def test_the_worker_counts_the_entries_it_writes(
+    settings: Settings, server: str, feed: store.Pool
+) -> None:
+    def written() -> float:
+        return REGISTRY.get_sample_value("hatched_changes_written_total") or 0.0
+
+    before = written()
+    await post(server, delivery("buddy.hatched", "buddy_m", 0, name="Pip"))
+    async with running_worker(settings):
+        await wait_settled(feed)
+    await post(server, delivery("buddy.hatched", "buddy_m", 0, name="Pip"))  # a duplicate
+    await post(server, delivery("coins.earned", "buddy_m", 5, amount=2, balance=2))
+    async with running_worker(settings):
+        await wait_settled(feed)
+    await visible(feed)
+    assert len(await all_changes(server)) == 2
+    assert written() - before == 2
