@@ -34,8 +34,10 @@ DEFAULT_LIMIT = 100
 # Entries a stream reads per query while catching up.
 STREAM_PAGE = 500
 # How soon a stream looks again when ended transactions' entries wait behind a running one
-# (its end sends no notification when it wrote no change).
+# (its end sends no notification when it wrote no change): soon, then less often while that
+# transaction lasts, so a long one elsewhere does not have every stream polling hard.
 HELD_POLL_S = 0.05
+HELD_POLL_MAX_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +167,7 @@ async def stream_changes(request: Request) -> Response:
         async with broadcaster.subscribe(EVERY_CHANGE) as woken:
             # Without `after`: the oldest retained entry, i.e. the first past the pruned ones.
             position = q.after or start.pruned
+            held_wait = HELD_POLL_S
             while not broadcaster.closing:
                 bounds = await store.feed_bounds(state.pool)
                 if position < bounds.pruned:
@@ -178,8 +181,10 @@ async def stream_changes(request: Request) -> Response:
                 position = max(position, store.Position(bounds.xmin, 0))
                 if bounds.held:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(woken.get(), HELD_POLL_S)
+                        await asyncio.wait_for(woken.get(), held_wait)
+                    held_wait = min(2 * held_wait, HELD_POLL_MAX_S)
                 else:
+                    held_wait = HELD_POLL_S
                     await woken.get()
 
     return EventSourceResponse(

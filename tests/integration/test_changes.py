@@ -543,3 +543,27 @@ async def test_the_worker_counts_the_entries_it_writes(
     await visible(feed)
     assert len(await all_changes(server)) == 2
     assert written() - before == 2
+
+
+async def test_a_stream_waits_for_an_older_transaction_then_delivers(
+    server: str, feed: store.Pool, stream_client: httpx.AsyncClient
+) -> None:
+    """An entry committed while an older transaction (one that writes no change, so its end
+    notifies nobody) is still open reaches the stream once that transaction ends."""
+    buddy = Buddy(buddy_id="buddy_held", name="Held")
+    change = entry(buddy, 1, Cause("delivery", "d_held", "buddy.hatched"), diff(None, buddy))
+    async with (
+        feed.acquire() as older,
+        feed.acquire() as writer,
+        stream_client.stream("GET", "/v1/changes/stream") as r,
+    ):
+        reading = asyncio.create_task(_read_events(r, 1))
+        t0 = older.transaction()
+        await t0.start()
+        await older.fetchval("SELECT pg_current_xact_id()")  # takes a transaction id
+        await store.write_batch(writer, changed=[("buddy_held", 1)], feed=[change])
+        await asyncio.sleep(0.5)
+        assert not reading.done()
+        await t0.commit()
+        [(_, body)] = await asyncio.wait_for(reading, 5)
+    assert body["buddy_id"] == "buddy_held"
