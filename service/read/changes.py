@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import orjson
@@ -42,7 +43,7 @@ HELD_POLL_MAX_S = 1.0
 
 @dataclass(frozen=True, slots=True)
 class Query:
-    after: store.Position | None
+    after: store.Cursor | None
     buddy_id: str | None
     user_id: str | None
     fields: list[str]
@@ -61,16 +62,16 @@ def _text(request: Request, name: str) -> str | None:
     return value
 
 
-def _position(raw: str, name: str) -> store.Position:
-    position = store.Position.parse(raw)
-    if position is None:
+def _cursor(raw: str, name: str) -> store.Cursor:
+    cursor = store.Cursor.parse(raw)
+    if cursor is None:
         raise Problem(
             400,
             "invalid_cursor",
             "Invalid cursor",
             f"`{name}`: not a change_id or next_cursor of this feed",
         )
-    return position
+    return cursor
 
 
 def _query(request: Request, *, stream: bool = False) -> Query:
@@ -80,11 +81,11 @@ def _query(request: Request, *, stream: bool = False) -> Query:
         raise invalid_parameter("field", f"{unknown[0]!r} is not a field of the buddy object")
     after = None
     if (raw := request.query_params.get("after")) is not None:
-        after = _position(raw, "after")
+        after = _cursor(raw, "after")
     if stream and (raw := request.headers.get("last-event-id")) is not None:
         # A reconnecting EventSource sends the last id it saw, and the URL it first opened:
         # the id is the newer place.
-        after = _position(raw.strip(), "Last-Event-ID")
+        after = _cursor(raw.strip(), "Last-Event-ID")
     return Query(after, _text(request, "buddy_id"), _text(request, "user_id"), sorted(set(fields)))
 
 
@@ -97,14 +98,20 @@ def _limit(request: Request) -> int:
     return int(raw)
 
 
-def _check_retained(after: store.Position | None, bounds: store.Bounds) -> None:
-    if after is not None and after < bounds.pruned:
+def _check_retained(after: store.Cursor | None, bounds: store.Bounds, settings: Settings) -> None:
+    """A cursor from before the retention (or one that pruned entries follow) is gone: the
+    reader may have missed entries, and must start again from the buddies."""
+    if after is None:
+        return
+    oldest = datetime.now(UTC) - timedelta(days=settings.changes_retention_days)
+    if after.at < oldest or after.position < bounds.pruned:
         raise Problem(
             410,
             "cursor_expired",
             "Cursor expired",
-            "entries after this cursor were pruned (MIRROR_CHANGES_RETENTION_DAYS); "
-            "start again without `after` and rebuild from the buddies",
+            "this cursor is older than the change feed keeps entries "
+            "(MIRROR_CHANGES_RETENTION_DAYS); start again without `after` and resync from the "
+            "buddies",
         )
 
 
@@ -131,12 +138,17 @@ async def _read(
     )
 
 
-def _next(after: store.Position, rows: list[asyncpg.Record], limit: int, xmin: int) -> str:
+def _next(after: store.Cursor | None, rows: list[asyncpg.Record], limit: int, xmin: int) -> str:
     """Past the last entry; on a short page, past everything below xmin (all of it was read,
-    filters included), so a filtered poller does not scan the same entries again."""
+    filters included), so a filtered poller does not scan the same entries again, and as of
+    now, so a poller that keeps polling a quiet feed never holds an expired cursor."""
     if len(rows) >= limit:
-        return _key(rows[-1]).token()
-    return max(after, store.Position(xmin, 0)).token()
+        token: str = rows[-1]["change_id"]
+        return token
+    below = store.Position(xmin, 0)
+    if after is not None and after.position >= below:
+        return after.token()
+    return store.Cursor(below, datetime.now(UTC)).token()
 
 
 async def list_changes(request: Request) -> Response:
@@ -144,12 +156,11 @@ async def list_changes(request: Request) -> Response:
     q = _query(request)
     limit = _limit(request)
     bounds = await store.feed_bounds(state.pool)
-    _check_retained(q.after, bounds)
-    after = q.after or store.START
+    _check_retained(q.after, bounds, state.settings)
+    after = q.after.position if q.after is not None else store.START
     rows = await _read(state.pool, q, after, bounds, limit)
-    return json_response(
-        {"data": [render(r) for r in rows], "next_cursor": _next(after, rows, limit, bounds.xmin)}
-    )
+    next_cursor = _next(q.after, rows, limit, bounds.xmin)
+    return json_response({"data": [render(r) for r in rows], "next_cursor": next_cursor})
 
 
 async def stream_changes(request: Request) -> Response:
@@ -160,13 +171,13 @@ async def stream_changes(request: Request) -> Response:
     if broadcaster.clients >= state.settings.stream_max_clients:
         raise too_many_streams()
     start = await store.feed_bounds(state.pool)
-    _check_retained(q.after, start)
+    _check_retained(q.after, start, state.settings)
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         # Subscribed before the first read: a commit in between leaves its wake-up queued.
         async with broadcaster.subscribe(EVERY_CHANGE) as woken:
             # Without `after`: the oldest retained entry, i.e. the first past the pruned ones.
-            position = q.after or start.pruned
+            position = q.after.position if q.after is not None else start.pruned
             held_wait = HELD_POLL_S
             while not broadcaster.closing:
                 bounds = await store.feed_bounds(state.pool)
@@ -175,7 +186,7 @@ async def stream_changes(request: Request) -> Response:
                 rows = await _read(state.pool, q, position, bounds, STREAM_PAGE)
                 for row in rows:
                     position = _key(row)
-                    yield ServerSentEvent(data=row["doc"], event="change", id=position.token())
+                    yield ServerSentEvent(data=row["doc"], event="change", id=row["change_id"])
                 if len(rows) >= STREAM_PAGE:
                     continue
                 position = max(position, store.Position(bounds.xmin, 0))
@@ -196,7 +207,7 @@ _FILTERS = [
     Param(
         "after",
         "query",
-        {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+        {"type": "string", "pattern": "^[0-9a-f]{48}$"},
         description="a next_cursor or change_id; absent: the oldest retained entry",
     ),
     text_param("buddy_id"),

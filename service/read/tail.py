@@ -91,15 +91,15 @@ def run(
     follow: bool,
 ) -> None:
     """The command's options checked, then `tail` until it ends or Ctrl-C."""
-    position = store.Position.parse(after) if after is not None else None
-    if after is not None and position is None:
+    cursor = store.Cursor.parse(after) if after is not None else None
+    if after is not None and cursor is None:
         raise click.BadParameter("not a change_id", param_hint="--after")
     if unknown := sorted(set(fields) - FIELD_NAMES):
         raise click.BadParameter(f"{unknown[0]!r} is not a field of the buddy object")
     job = tail(
         dsn,
         click.echo,
-        after=position,
+        after=cursor.position if cursor is not None else None,
         buddy_id=buddy_id,
         user_id=user_id,
         fields=sorted(set(fields)),

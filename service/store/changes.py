@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
@@ -34,20 +35,38 @@ class Position:
     txid: int
     id: int
 
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MAX = 2**63  # every part is a Postgres bigint
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """A position and when a reader was there: the entry's commit time for a change_id, the
+    time of the read for a next_cursor past an empty or filtered page. The token is fixed-width
+    hex of (txid, id, microseconds), so string order is feed order; the time is what makes a
+    cursor "older than the retention"."""
+
+    position: Position
+    at: datetime
+
     def token(self) -> str:
-        """The change_id / cursor: fixed-width hex, so string order is feed order."""
-        return f"{self.txid:016x}{self.id:016x}"
+        micros = (self.at - _EPOCH) // timedelta(microseconds=1)
+        return f"{self.position.txid:016x}{self.position.id:016x}{micros:016x}"
 
     @classmethod
-    def parse(cls, token: str) -> Position | None:
-        """The position a token names; None for anything this feed cannot have issued (both
-        halves are Postgres bigints)."""
-        if len(token) != 32 or token.strip("0123456789abcdef"):
+    def parse(cls, token: str) -> Cursor | None:
+        """None for anything this feed cannot have issued."""
+        if len(token) != 48 or token.strip("0123456789abcdef"):
             return None
-        txid, id_ = int(token[:16], 16), int(token[16:], 16)
-        if max(txid, id_) >= 2**63:
+        txid, id_, micros = (int(token[i : i + 16], 16) for i in (0, 16, 32))
+        if max(txid, id_, micros) >= _MAX:
             return None
-        return cls(txid, id_)
+        try:
+            at = _EPOCH + timedelta(microseconds=micros)
+        except OverflowError:
+            return None
+        return cls(Position(txid, id_), at)
 
 
 START = Position(0, 0)
@@ -80,21 +99,27 @@ async def feed_bounds(conn: Executor) -> Bounds:
 # back as its JSON text, built by Postgres, which the API passes through as it is: rendering
 # a thousand entries in Python cost more than reading them.
 CHANGES_PAGE = """
-SELECT txid, id, json_build_object(
-    'change_id', lpad(to_hex(txid), 16, '0') || lpad(to_hex(id), 16, '0'),
+SELECT txid, id, change_id, json_build_object(
+    'change_id', change_id,
     'buddy_id', buddy_id, 'user_id', user_id, 'audience', audience, 'version', version,
     'committed_at', to_char(committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
     'cause', json_build_object('kind', cause_kind, 'delivery_id', delivery_id,
                                'event_type', event_type),
     'changed', changed
 )::text AS doc
-FROM changes
-WHERE (txid, id) > ($1, $2) AND txid < $3
-  AND ($4::text IS NULL OR buddy_id = $4)
-  AND ($5::text IS NULL OR user_id = $5)
-  AND ($6::text[] IS NULL OR changed ?| $6)
+FROM (
+    SELECT *, lpad(to_hex(txid), 16, '0') || lpad(to_hex(id), 16, '0')
+              || lpad(to_hex((extract(epoch FROM committed_at) * 1000000)::bigint), 16, '0')
+              AS change_id
+    FROM changes
+    WHERE (txid, id) > ($1, $2) AND txid < $3
+      AND ($4::text IS NULL OR buddy_id = $4)
+      AND ($5::text IS NULL OR user_id = $5)
+      AND ($6::text[] IS NULL OR changed ?| $6)
+    ORDER BY txid, id
+    LIMIT $7
+) AS page
 ORDER BY txid, id
-LIMIT $7
 """
 
 

@@ -325,7 +325,8 @@ async def test_bad_parameters_are_problems(server: str, feed: store.Pool) -> Non
         for params, code in [
             ({"after": "nope"}, "invalid_cursor"),
             ({"after": "G" * 32}, "invalid_cursor"),
-            ({"after": "f" * 32}, "invalid_cursor"),  # beyond a bigint
+            ({"after": "0" * 32}, "invalid_cursor"),  # too short
+            ({"after": "f" * 48}, "invalid_cursor"),  # beyond a bigint
             ({"limit": "0"}, "invalid_parameter"),
             ({"limit": "1001"}, "invalid_parameter"),
             ({"field": "version"}, "invalid_parameter"),
@@ -567,3 +568,27 @@ async def test_a_stream_waits_for_an_older_transaction_then_delivers(
         await t0.commit()
         [(_, body)] = await asyncio.wait_for(reading, 5)
     assert body["buddy_id"] == "buddy_held"
+
+
+async def test_a_cursor_older_than_the_retention_expires_before_any_pruning(
+    migrated: str, redis_url: str, feed: store.Pool, applier: store.Pool
+) -> None:
+    """The retention applies to cursors as given: one older than it answers 410 even while
+    the pruner has not run yet; a poller that keeps polling always holds a fresh one."""
+    short = make_settings(migrated, redis_url, MIRROR_CHANGES_RETENTION_DAYS=str(2 / 86400))
+    async with serving(create_app(short)) as url:
+        await post(url, delivery("buddy.hatched", "buddy_r", 0, name="Pip"))
+        await apply_all(applier, short)
+        [change] = await all_changes(url)
+        polled = (await changes(url, after=change["change_id"]))["next_cursor"]
+        await asyncio.sleep(1.2)
+        # Kept fresh: each poll of the quiet feed hands out a cursor as of now.
+        polled = (await changes(url, after=polled))["next_cursor"]
+        await asyncio.sleep(1.2)
+        assert (await changes(url, after=polled))["data"] == []
+        async with httpx.AsyncClient(base_url=url, timeout=30, headers=AUTH) as http:
+            r = await http.get("/v1/changes", params={"after": change["change_id"]})
+            assert r.status_code == 410 and r.json()["code"] == "cursor_expired"
+            r = await http.get("/v1/changes/stream", headers={"Last-Event-ID": change["change_id"]})
+            assert r.status_code == 410 and r.json()["code"] == "cursor_expired"
+    assert await feed.fetchval("SELECT count(*) FROM changes") == 1  # nothing was pruned
