@@ -27,6 +27,7 @@ from service.ingest.inbox import Inbox
 from service.ingest.wakeups import Waker
 from service.logs import RequestIdMiddleware
 from service.problems import DATABASE_ERRORS, Problem, unavailable
+from service.read import changes as change_feed
 from service.read import openapi, schemas
 from service.read import routes as api
 from service.read.cache import BuddyCache
@@ -217,6 +218,7 @@ def endpoints(settings: Settings) -> list[Endpoint]:
         ),
     ]
     read += bootstrap_routes.endpoints(settings)
+    read += change_feed.endpoints(settings)
     if not settings.admin_tokens:
         return read
     admin = [

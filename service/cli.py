@@ -152,6 +152,20 @@ def replay(status: str | None, since: datetime | None, delivery_ids: tuple[str, 
     click.echo(f"requeued {count} deliveries")
 
 
+@main.command("tail-changes")
+@click.option("--after", default=None, help="a change_id: start right after it")
+@click.option("--buddy-id", default=None, help="only this buddy")
+@click.option("--user-id", default=None, help="only this user's buddies")
+@click.option("--field", "fields", multiple=True, help="only changes of this field (repeatable)")
+@click.option("--follow/--no-follow", default=True, help="keep printing new changes (default)")
+def tail_changes(**options: Any) -> None:
+    """Print the change feed, one line per change, as changes commit."""
+    from service.read.tail import run
+
+    settings = _settings("migrate")
+    run(settings.postgres_dsn, **options)
+
+
 @main.command()
 @click.option("--buddy-id", "buddy_ids", multiple=True, help="repeatable; default: every buddy")
 def rebuild(buddy_ids: tuple[str, ...]) -> None:

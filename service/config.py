@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     hatched_api_timeout_s: float = Field(default=10.0, gt=0, alias="HATCHED_API_TIMEOUT_S")
     cors_origins: CsvList = Field(default_factory=list, alias="MIRROR_CORS_ORIGINS")
     max_body_bytes: int = Field(default=1_048_576, ge=1024, alias="MIRROR_MAX_BODY_BYTES")
+    changes_retention_days: float = Field(default=7.0, gt=0, alias="MIRROR_CHANGES_RETENTION_DAYS")
 
     # Additions to the contract (documented in the README).
     shards: int = Field(default=32, ge=1, le=4096, alias="MIRROR_SHARDS")

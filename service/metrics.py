@@ -35,6 +35,12 @@ INBOX_PENDING = Gauge("hatched_inbox_pending", "Deliveries waiting to be applied
 DEAD = Gauge("hatched_inbox_dead", "Deliveries in status dead, waiting for a replay.")
 STREAM_CLIENTS = Gauge("hatched_stream_clients", "Live SSE clients of this process.")
 PRUNED = Counter("hatched_pruned_deliveries_total", "Applied deliveries deleted after retention.")
+CHANGES_WRITTEN = Counter(
+    "hatched_changes_written_total", "Change-feed entries written (one per visible change)."
+)
+CHANGES_PRUNED = Counter(
+    "hatched_pruned_changes_total", "Change-feed entries deleted after their retention."
+)
 HATCHED_CALLS = Counter(
     "hatched_api_requests_total",
     "Calls to Hatched's REST API, by route and HTTP status (429: rate limited; none: no answer).",

@@ -15,8 +15,9 @@ from tests.support.config import make_settings
 
 # Every table of the schema, read from the catalog so a table added by a migration is reset too,
 # without anyone remembering to list it; but for those whose rows the migrations themselves
-# wrote (the record of applied migrations, the erasure key), which are configuration, not data.
-KEPT_TABLES = ("schema_migrations", "erasure_key")
+# wrote (the record of applied migrations, the erasure key, how far the feed was pruned), which
+# are configuration, not data.
+KEPT_TABLES = ("schema_migrations", "erasure_key", "changes_horizon")
 RESET_TABLES = """
 SELECT string_agg(format('%I.%I', schemaname, tablename), ', ')
 FROM pg_tables

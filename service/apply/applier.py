@@ -15,7 +15,8 @@ import asyncpg
 import structlog
 
 from service import store
-from service.apply.projector import Buddy, mirrored, project
+from service.apply.changes import Cause, CauseKind, diff, entry
+from service.apply.projector import Buddy, project
 from service.hatched.refresh import REFRESH_EVENT, parse_snapshot
 from service.ingest.events import Event, Parsed, parse_delivery
 from service.store import erasure
@@ -188,6 +189,7 @@ async def _apply_rows(conn: store.Conn, rows: list[asyncpg.Record]) -> BatchResu
     finished: list[tuple[int, str, str | None]] = []
     events: dict[str, list[tuple[int, Event]]] = defaultdict(list)
     seqs_of: dict[str, list[int]] = defaultdict(list)
+    replayed = {row["seq"] for row in rows if row["replayed"]}
     for row in rows:
         parsed = parse_row(row)
         if parsed.buddy_id is not None:
@@ -227,6 +229,7 @@ async def _apply_rows(conn: store.Conn, rows: list[asyncpg.Record]) -> BatchResu
         finished = [f for f in finished if f[0] not in purged]
     writes: list[tuple[Buddy, int]] = []
     ledger = []
+    feed = []
     for buddy_id in sorted(events):
         evs = events[buddy_id]
         if not evs:
@@ -242,18 +245,34 @@ async def _apply_rows(conn: store.Conn, rows: list[asyncpg.Record]) -> BatchResu
         if any(e.type != REFRESH_EVENT for _, e in evs):
             result.touched.add(buddy_id)
         if state is None or outcome.buddy != state:
-            changed = state is None or mirrored(outcome.buddy) != mirrored(state)
+            # What a reader sees differently; nothing (or `last_event_at` alone) keeps the
+            # version, so versions and feed entries match one to one.
+            changed = diff(state, outcome.buddy)
             new_version = version + 1 if changed else version
             writes.append((outcome.buddy, new_version))
             if changed:
                 result.changed.append((buddy_id, new_version))
+                feed.append(entry(outcome.buddy, new_version, _cause(evs, replayed), changed))
         finished.extend((seq, "applied", None) for seq, _ in evs)
         result.applied += len(evs)
 
     await store.write_batch(
-        conn, buddies=writes, ledger=ledger, outcomes=finished, changed=result.changed
+        conn, buddies=writes, ledger=ledger, outcomes=finished, changed=result.changed, feed=feed
     )
     return result
+
+
+def _cause(evs: list[tuple[int, Event]], replayed: set[int]) -> Cause:
+    """One entry stands for all of a buddy's deliveries in the batch (readers only ever see
+    their combined effect); it names the last one received."""
+    seq, event = evs[-1]
+    if event.type == REFRESH_EVENT:
+        kind: CauseKind = "refresh"
+    elif seq in replayed:
+        kind = "replay"
+    else:
+        kind = "delivery"
+    return Cause(kind, event.delivery_id, event.type)
 
 
 async def rebuild_buddy(conn: store.Conn, buddy_id: str) -> bool:
@@ -276,12 +295,13 @@ async def rebuild_buddy(conn: store.Conn, buddy_id: str) -> bool:
         if state is not None and outcome.buddy == state:
             await store.write_batch(conn, ledger=outcome.ledger)
             return False
-        changed = state is None or mirrored(outcome.buddy) != mirrored(state)
+        changed = diff(state, outcome.buddy)
         new_version = version + 1 if changed else version
         await store.write_batch(
             conn,
             buddies=[(outcome.buddy, new_version)],
             ledger=outcome.ledger,
             changed=[(buddy_id, new_version)] if changed else [],
+            feed=[entry(outcome.buddy, new_version, Cause("rebuild"), changed)] if changed else [],
         )
         return True

@@ -14,10 +14,11 @@ if TYPE_CHECKING:
 
 
 class WorkerContext(TypedDict, total=False):
-    """arq's `ctx`: `settings` and `redis` from the start, the rest once `startup` ran."""
+    """arq's `ctx`: `settings` from the start, arq's `redis`, the rest once `startup` ran (a
+    test calling a job directly gives what that job reads)."""
 
     settings: Required[Settings]
-    redis: Required[ArqRedis]
+    redis: ArqRedis
     pool: Pool
     limits: ApplyLimits
     hatched: HatchedAPI | None

@@ -104,6 +104,8 @@ async def apply_shard(ctx: WorkerContext, shard: int) -> int:
         metrics.INCONSISTENCIES.inc(result.inconsistencies)
     if result.forgotten:
         metrics.TOMBSTONE_HITS.labels(path="apply").inc(result.forgotten)
+    if result.changed:  # one feed entry per buddy whose version grew
+        metrics.CHANGES_WRITTEN.inc(len(result.changed))
     for field_name in result.drift:
         metrics.REFRESH_DRIFT.labels(field=field_name).inc()
     await _schedule_refreshes(ctx, result)
@@ -248,7 +250,8 @@ async def prune(ctx: WorkerContext) -> int:
     """Delete applied deliveries past retention, in small batches so no lock is held for long.
 
     Dead and unmapped deliveries stay until they are replayed or purged on purpose; the ledger
-    and the mirror keep everything they derived from the pruned rows.
+    and the mirror keep everything they derived from the pruned rows. Change-feed entries past
+    MIRROR_CHANGES_RETENTION_DAYS go the same way. Returns the rows deleted.
     """
     settings: Settings = ctx["settings"]
     total = 0
@@ -262,7 +265,18 @@ async def prune(ctx: WorkerContext) -> int:
     if total:
         metrics.PRUNED.inc(total)
         log.info("pruned", deliveries=total)
-    return total
+    changes = 0
+    for _ in range(100):  # the change feed's own retention, in the same small batches
+        deleted = await store.prune_changes(
+            ctx["pool"], settings.changes_retention_days * 86400, settings.prune_batch_size
+        )
+        changes += deleted
+        if deleted < settings.prune_batch_size:
+            break
+    if changes:
+        metrics.CHANGES_PRUNED.inc(changes)
+        log.info("pruned", changes=changes)
+    return total + changes
 
 
 class MirrorWorker(Worker):

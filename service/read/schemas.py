@@ -100,6 +100,37 @@ class EventPage(_Out):
     next_cursor: str | None
 
 
+class FieldChange(BaseModel):
+    # `from` is a Python keyword: the attribute has another name, the JSON key is `from`.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    from_: Any = Field(alias="from")
+    to: Any
+
+
+class ChangeCause(_Out):
+    kind: Literal["delivery", "refresh", "rebuild", "replay"]
+    delivery_id: str | None
+    event_type: str | None
+
+
+class ChangeOut(_Out):
+    """One entry of the change feed."""
+
+    change_id: str
+    buddy_id: str
+    user_id: str | None
+    audience: str | None
+    version: int
+    committed_at: str
+    cause: ChangeCause
+    changed: dict[str, FieldChange]
+
+
+class ChangePage(_Out):
+    data: list[ChangeOut]
+    next_cursor: str
+
+
 class DeliveryOut(_Out):
     delivery_id: str
     status: DeliveryStatus

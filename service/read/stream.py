@@ -28,6 +28,9 @@ log = structlog.get_logger(__name__)
 
 # The payload suffix of an erasure's NOTIFY (service/store/erasure.py), in place of a version.
 FORGOTTEN_SUFFIX = ":forgotten"
+# Subscribers under this key are woken by every notification (the change-feed streams). A NUL
+# cannot be in a buddy id (Postgres text), so no buddy stream shares it.
+EVERY_CHANGE = "\x00every"
 
 
 class TooManyClients(Exception):
@@ -116,6 +119,8 @@ class Broadcaster:
         for queue in self._subscribers.get(key, ()):
             if forgotten:
                 self._ended.add(queue)
+            _poke(queue)
+        for queue in self._subscribers.get(EVERY_CHANGE, ()):
             _poke(queue)
 
     def ended(self, queue: asyncio.Queue[None]) -> bool:

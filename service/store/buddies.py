@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import fields
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
 from service.apply.projector import STATE_FIELDS, Buddy, LedgerEntry
+from service.store.changes import insert_changes
 from service.store.inbox import _finish_deliveries
 from service.store.pool import Conn, Executor
 
@@ -76,14 +78,17 @@ ON CONFLICT (delivery_id) DO NOTHING
 """
 
 # Everything an applied batch writes, as one statement: the buddies (as save_buddies), their
-# ledger rows, the deliveries' outcomes, and `buddy_id:version` notifications for the read
-# API's live streams (sent at commit). Postgres runs every data-modifying WITH part whether or
-# not the query reads it; the parts touch different tables, so none needs another's result.
-# One round trip instead of four per batch: on a busy host each costs the worker a wake-up.
+# ledger rows, the deliveries' outcomes, the change-feed entries of the buddies whose version
+# grew (so no change is committed without its entry, nor an entry without its change), and
+# `buddy_id:version` notifications for the read API's live streams (sent at commit). Postgres
+# runs every data-modifying WITH part whether or not the query reads it; the parts touch
+# different tables, so none needs another's result. One round trip instead of five per batch:
+# on a busy host each costs the worker a wake-up.
 WRITE_BATCH = f"""
 WITH buddies_written AS ({_upsert_buddies("$1")}),
 ledger_written AS ({INSERT_LEDGER}),
-outcomes_written AS ({_finish_deliveries("$3", "$4", "$5")})
+outcomes_written AS ({_finish_deliveries("$3", "$4", "$5")}),
+changes_written AS ({insert_changes("$7")})
 SELECT pg_notify('{NOTIFY_CHANNEL}', x) FROM unnest($6::text[]) AS x
 """
 
@@ -95,16 +100,18 @@ async def write_batch(
     ledger: Sequence[LedgerEntry] = (),
     outcomes: Iterable[tuple[int, str, str | None]] = (),
     changed: Sequence[tuple[str, int]] = (),
+    feed: Sequence[dict[str, Any]] = (),
 ) -> None:
     """Write (state, version) pairs (`updated_at` moves only when the version did), ledger
-    entries (one per delivery: a repeat is ignored), outcomes (seq, status, reason) and
-    notifications of changed buddies, in one statement."""
+    entries (one per delivery: a repeat is ignored), outcomes (seq, status, reason),
+    change-feed entries (service/apply/changes.py, `entry`) and notifications of changed
+    buddies, in one statement."""
     seqs, statuses, reasons = [], [], []
     for seq, status, reason in outcomes:
         seqs.append(seq)
         statuses.append(status)
         reasons.append(reason)
-    if not (buddies or ledger or seqs or changed):
+    if not (buddies or ledger or seqs or changed or feed):
         return
     await conn.execute(
         WRITE_BATCH,
@@ -115,6 +122,7 @@ async def write_batch(
         statuses,
         reasons,
         [f"{b}:{v}" for b, v in changed],
+        feed,
     )
 
 

@@ -84,6 +84,10 @@ ERASED_TABLES: tuple[tuple[str, str], ...] = (
         "DELETE FROM backfill_checkpoints WHERE run_key = ANY($4::text[])"
         " OR cursor = $1::text OR cursor = ANY($2::text[])",
     ),
+    (
+        "changes",
+        "DELETE FROM changes WHERE buddy_id = ANY($2::text[]) OR user_id = $1::text",
+    ),
     ("buddies", "DELETE FROM buddies WHERE buddy_id = ANY($2::text[])"),
 )
 

@@ -138,10 +138,11 @@ _DUE = "s.status = 'accepted' AND (s.next_attempt_at IS NULL OR s.next_attempt_a
 # index), locked, in receipt order: a buddy's deliveries share a shard, so each buddy's come
 # in order. One shard for a wake-up job; several when a job takes on idle shards.
 CLAIM_BATCH = f"""
-SELECT c.seq, sh.shard, d.delivery_id, d.format, d.headers, d.body, d.signed_at, c.attempts
+SELECT c.seq, sh.shard, d.delivery_id, d.format, d.headers, d.body, d.signed_at, c.attempts,
+       c.replayed
 FROM unnest($1::int[]) AS sh(shard)
 CROSS JOIN LATERAL (
-    SELECT s.seq, s.attempts FROM delivery_states AS s
+    SELECT s.seq, s.attempts, s.replayed FROM delivery_states AS s
     WHERE s.shard = sh.shard AND {_DUE}
     ORDER BY s.seq
     LIMIT $2
@@ -157,7 +158,7 @@ async def claim_batch(conn: Conn, shards: Sequence[int], per_shard: int) -> list
 
 
 CLAIM_SEQS = """
-SELECT s.seq, d.delivery_id, d.format, d.headers, d.body, d.signed_at, s.attempts
+SELECT s.seq, d.delivery_id, d.format, d.headers, d.body, d.signed_at, s.attempts, s.replayed
 FROM delivery_states AS s JOIN deliveries AS d ON d.seq = s.seq
 WHERE s.seq = ANY($1::bigint[]) AND s.status = 'accepted'
 ORDER BY s.seq
@@ -338,7 +339,8 @@ async def list_deliveries(
 
 REQUEUE = """
 UPDATE delivery_states AS s
-SET status = 'accepted', attempts = 0, next_attempt_at = NULL, applied_at = NULL, reason = NULL
+SET status = 'accepted', attempts = 0, next_attempt_at = NULL, applied_at = NULL, reason = NULL,
+    replayed = true
 FROM deliveries AS d
 WHERE d.seq = s.seq
   AND ($1::text[] IS NULL OR d.delivery_id = ANY($1))

@@ -67,7 +67,9 @@ def test_refuses_to_start_half_configured(
 @asynccontextmanager
 async def scratch_database(database_url: str) -> AsyncIterator[str]:
     """An empty database of its own, dropped afterwards; yields its DSN."""
-    admin = await store.create_pool(database_url, size=1, timeout_s=10)
+    # Unbounded: CREATE and DROP DATABASE force a checkpoint, which on a busy machine outlasts
+    # the statement limit some tests lower on purpose.
+    admin = await store.create_pool(database_url, size=1, timeout_s=10, bounded=False)
     name = f"hm_migrate_{os.getpid()}"
     await admin.execute(f"DROP DATABASE IF EXISTS {name}")
     await admin.execute(f"CREATE DATABASE {name}")
