@@ -43,6 +43,7 @@ def endpoints(settings: Settings) -> list[Endpoint]:
             errors={**BAD_BODY, **HATCHED_ERRORS},
             request_body='{"audience": string | null}, optional; the body may be empty',
             tag="bootstrap",
+            user="user",
         ),
         Endpoint(
             "GET",
@@ -58,6 +59,7 @@ def endpoints(settings: Settings) -> list[Endpoint]:
                 503: "too_many_streams: this process serves its maximum of live streams",
             },
             tag="bootstrap",
+            user="user",
         ),
         Endpoint(
             "POST",
@@ -75,6 +77,7 @@ def endpoints(settings: Settings) -> list[Endpoint]:
             request_body='{"scopes": [string], "ttl_seconds": 60-86400 (default 3600), '
             '"audience": string | null}, all optional',
             tag="bootstrap",
+            user="user",
         ),
         Endpoint(
             "POST",
@@ -91,5 +94,6 @@ def endpoints(settings: Settings) -> list[Endpoint]:
             },
             request_body='{"audience": string | null}, optional; the body may be empty',
             tag="bootstrap",
+            user="user",
         ),
     ]

@@ -82,10 +82,12 @@ from service.store.pool import (
     create_pool,
 )
 from service.store.reads import (
+    BUDDY_OWNER,
     LIST_BUDDIES,
     LIST_EVENTS,
     LIST_LEDGER,
     USER_BUDDY,
+    buddy_owner,
     list_buddies,
     list_events,
     list_ledger,
@@ -95,6 +97,7 @@ from service.store.reads import (
 __all__ = [
     "APPLIED_FOR_BUDDY",
     "BUDDY_IDS_PAGE",
+    "BUDDY_OWNER",
     "CLAIM_BATCH",
     "CLAIM_SEQS",
     "COMMAND_TIMEOUT_S",
@@ -137,6 +140,7 @@ __all__ = [
     "Pool",
     "applied_deliveries",
     "buddy_ids_page",
+    "buddy_owner",
     "claim_batch",
     "claim_seqs",
     "count_buddies",
