@@ -75,28 +75,32 @@ class ScopeGuard:
         settings = state.settings
         raw_query: bytes = scope.get("query_string", b"")
         from_query = _query_token(raw_query) if QUERY_TOKEN.encode() in raw_query else None
+        service_tokens = [*settings.api_tokens, *settings.admin_tokens]
+        token = from_query or bearer(_header(scope, b"authorization"))
+        # API and admin tokens in the header (and requests with none) pass untouched: the
+        # handlers judge them as ever. A JWT is three dot-separated parts; anything else is not.
+        if token is None:
+            return None
+        if from_query is None and (
+            not self._tokens.enabled or token.count(".") != 2 or known(token, service_tokens)
+        ):
+            return None
         found = self._match(scope)
         if from_query is not None:
             if found is None or not found[0].streams:
                 raise unauthorized("`access_token` is taken by …/stream routes only")
-            if known(from_query, [*settings.api_tokens, *settings.admin_tokens]):
+            if known(from_query, service_tokens):
                 raise unauthorized("`access_token` takes user tokens only")
             principal = self._tokens.verify(from_query)  # 401 when user tokens are off
-        else:
-            token = bearer(_header(scope, b"authorization"))
-            if token is None or not self._tokens.enabled:
-                return None
-            if known(token, [*settings.api_tokens, *settings.admin_tokens]):
-                return None
-            if found is not None and found[0].auth in ("none", "signature"):
-                # These routes take no token: a header that is no valid user token is not
-                # theirs to judge. A valid one still may not use them (below).
-                try:
-                    principal = self._tokens.verify(token)
-                except Problem:
-                    return None
-            else:
+        elif found is not None and found[0].auth in ("none", "signature"):
+            # These routes take no token: a header that is no valid user token is not theirs
+            # to judge. A valid one still may not use them (below).
+            try:
                 principal = self._tokens.verify(token)
+            except Problem:
+                return None
+        else:
+            principal = self._tokens.verify(token)
         if found is None:
             raise forbidden("a user token may not use this route")
         endpoint, params = found

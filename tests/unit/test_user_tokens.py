@@ -25,19 +25,21 @@ from service.user_tokens import Principal, UserTokens, mint
 
 KEY = "unit-test-user-token-key-" + "u" * 39
 OLD = "unit-test-retired-token-key-" + "r" * 36
+# Module import time: only for values no clock is checked against.
 NOW = int(time.time())
 
 
 class Clock:
-    def __init__(self) -> None:
-        self.now = float(NOW)
+    def __init__(self, now: int) -> None:
+        self.now = float(now)
 
     def __call__(self) -> float:
         return self.now
 
 
-def claims(**extra: Any) -> dict[str, Any]:
-    return {"iss": "hatched-mirror", "sub": "user_a", "iat": NOW, "exp": NOW + 60, **extra}
+def claims(now: int | None = None, **extra: Any) -> dict[str, Any]:
+    now = int(time.time()) if now is None else now
+    return {"iss": "hatched-mirror", "sub": "user_a", "iat": now, "exp": now + 60, **extra}
 
 
 def code_of(tokens: UserTokens, token: str) -> str:
@@ -47,25 +49,27 @@ def code_of(tokens: UserTokens, token: str) -> str:
 
 
 def test_a_valid_token_gives_its_user_and_audience() -> None:
-    tokens = UserTokens([KEY], 3600, clock=Clock())
-    principal = tokens.verify(jwt.encode(claims(audience="kids"), KEY, algorithm="HS256"))
-    assert principal == Principal("user_a", "kids", NOW + 60)
+    now = int(time.time())
+    tokens = UserTokens([KEY], 3600, clock=Clock(now))
+    principal = tokens.verify(jwt.encode(claims(now, audience="kids"), KEY, algorithm="HS256"))
+    assert principal == Principal("user_a", "kids", now + 60)
     assert principal.owns("user_a", "kids")
     assert not principal.owns("user_a", None) and not principal.owns("user_b", "kids")
     assert Principal("user_a", None, 0).owns("user_a", "anything")
 
 
 def test_the_verdict_is_remembered_until_exp_and_bounded() -> None:
-    clock = Clock()
+    now = int(time.time())
+    clock = Clock(now)
     tokens = UserTokens([KEY], 3600, clock=clock, cache_size=2)
-    first = jwt.encode(claims(), KEY, algorithm="HS256")
+    first = jwt.encode(claims(now), KEY, algorithm="HS256")
     tokens.verify(first)
-    clock.now = NOW + 59
+    clock.now = now + 59
     assert tokens.verify(first).user_id == "user_a"
-    clock.now = NOW + 60  # at exp, the remembered verdict no longer holds
+    clock.now = now + 60  # at exp, the remembered verdict no longer holds
     assert code_of(tokens, first) == "token_expired"
-    clock.now = float(NOW)
-    many = [jwt.encode(claims(n=i), KEY, algorithm="HS256") for i in range(5)]
+    clock.now = float(now)
+    many = [jwt.encode(claims(now, n=i), KEY, algorithm="HS256") for i in range(5)]
     for t in many:
         tokens.verify(t)
     assert len(tokens._verdicts) == 2
@@ -81,13 +85,13 @@ def test_the_first_key_signs_any_key_verifies() -> None:
 
 
 def test_exp_is_capped_after_iat_or_now() -> None:
-    now = NOW
+    now = int(time.time())
     tokens = UserTokens([KEY], 100)
-    ok = jwt.encode(claims(iat=now, exp=now + 100), KEY, algorithm="HS256")
+    ok = jwt.encode(claims(now, exp=now + 100), KEY, algorithm="HS256")
     assert tokens.verify(ok).expires_at == now + 100
-    too_long = jwt.encode(claims(iat=now, exp=now + 101), KEY, algorithm="HS256")
+    too_long = jwt.encode(claims(now, exp=now + 101), KEY, algorithm="HS256")
     assert code_of(tokens, too_long) == "unauthorized"
-    no_iat = {k: v for k, v in claims(exp=now + 130).items() if k != "iat"}
+    no_iat = {k: v for k, v in claims(now, exp=now + 130).items() if k != "iat"}
     assert code_of(tokens, jwt.encode(no_iat, KEY, algorithm="HS256")) == "unauthorized"
 
 
