@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,16 @@ import uvicorn
 import uvloop
 from prometheus_client import start_http_server
 
-from service import logs, store
+from service import logs, store, user_tokens
 from service.config import ConfigError, Settings, load_settings, require
 
 DEV_SECRET = "whsec_dev_local_secret"
 DEV_API_TOKEN = "dev-api-token"
 DEV_ADMIN_TOKEN = "dev-admin-token"
+# `dev` signs user tokens with this unless MIRROR_USER_TOKEN_SECRETS is set (at least 32 bytes).
+DEV_USER_TOKEN_SECRET = "dev-user-token-secret-not-for-production"
+# The user the demo page's printed user token speaks for.
+DEV_DEMO_USER = "demo_user_1"
 
 
 def _settings(command: str, **overrides: Any) -> Settings:
@@ -129,6 +134,7 @@ def dev(data_dir: str, host: str, port: int) -> None:
     os.environ.setdefault("HATCHED_WEBHOOK_SECRETS", DEV_SECRET)
     os.environ.setdefault("MIRROR_API_TOKENS", DEV_API_TOKEN)
     os.environ.setdefault("MIRROR_ADMIN_TOKENS", DEV_ADMIN_TOKEN)
+    os.environ.setdefault("MIRROR_USER_TOKEN_SECRETS", DEV_USER_TOKEN_SECRET)
     os.environ.setdefault("MIRROR_LOG_FORMAT", "console")
     base = load_settings()
     if base.database_url and base.redis_url:
@@ -150,6 +156,18 @@ def _run_dev(settings: Settings, host: str, port: int) -> None:
     assert settings.database_url is not None
     asyncio.run(_migrate(settings.database_url))
     url = f"http://{host}:{port}"
+    # The demo page holds what a browser may hold: a user token, not the API token.
+    user_token = (
+        user_tokens.mint(
+            settings.user_token_secrets[0],
+            DEV_DEMO_USER,
+            None,
+            settings.user_token_max_ttl_s,
+            int(time.time()),
+        )
+        if settings.user_token_secrets
+        else "(none: MIRROR_USER_TOKEN_SECRETS is empty)"
+    )
     click.echo(
         "\n".join(
             [
@@ -163,7 +181,9 @@ def _run_dev(settings: Settings, host: str, port: int) -> None:
                 f"  DATABASE_URL     : {settings.database_url}",
                 f"  REDIS_URL        : {settings.redis_url}",
                 "  try              : hatched-mirror send-test-event buddy.hatched",
-                f"  bootstrap demo   : {url}/demo#token={settings.api_tokens[0]}"
+                f"  user token       : {user_token} ({DEV_DEMO_USER}, "
+                f"{settings.user_token_max_ttl_s} s)",
+                f"  bootstrap demo   : {url}/demo#token={user_token}"
                 + ("" if settings.hatched_api_enabled else " (set HATCHED_API_URL/_KEY)"),
                 "",
             ]
