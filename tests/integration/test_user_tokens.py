@@ -35,7 +35,7 @@ from tests.conftest import (
     wait_settled,
 )
 from tests.fake_hatched import DEFAULT_API_KEY, FakeHatched, buddy_json, serve_fake
-from tests.harness import serve, service_env
+from tests.harness import Process, free_port, serve, service_env
 
 # 64 bytes: long enough for HS384 too, so PyJWT does not warn about the key when a test signs
 # with the wrong algorithm on purpose.
@@ -562,3 +562,44 @@ def test_serve_refuses_a_short_key_naming_the_variable(
     )
     assert done.returncode != 0
     assert b"MIRROR_USER_TOKEN_SECRETS" in done.stderr + done.stdout
+
+
+def test_dev_prints_a_user_token_and_its_access_log_never_shows_one(
+    migrated: str, redis_url: str, db: store.Pool, tmp_path: Path
+) -> None:
+    """`dev` writes uvicorn's access lines: a token in a stream's URL shows as [redacted]."""
+    log = tmp_path / "dev.log"
+    port = free_port()
+    process = Process(["dev", "--port", str(port)], service_env(migrated, redis_url), log).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while "bootstrap demo" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        printed = re.search(r"/demo#token=(\S+)", log.read_text())
+        assert printed is not None
+        demo_token = printed.group(1)
+        assert jwt.decode(demo_token, options={"verify_signature": False})["sub"] == "demo_user_1"
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        answer = httpx.get(f"{url}/v1/users/demo_user_1/buddy", headers=bearer(demo_token))
+        assert answer.status_code == 404 and answer.json()["code"] == "buddy_not_found"
+        with httpx.stream(
+            "GET", f"{url}/v1/buddies/nobody/stream?access_token={demo_token}"
+        ) as stream:
+            assert stream.status_code == 404
+        other = httpx.get(f"{url}/v1/users/someone_else/buddy", headers=bearer(demo_token))
+        assert other.status_code == 403
+    finally:
+        process.stop()
+    text = log.read_text()
+    assert "access_token=[redacted]" in text
+    # Printed twice at startup (the token line and the demo address), and nowhere else.
+    assert text.count(demo_token) == 2
