@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote_plus
 
 from starlette.requests import Request
-from starlette.routing import Match, Route
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import store
@@ -71,19 +71,17 @@ class ScopeGuard:
 
     async def _admit(self, scope: Scope) -> Principal | None:
         """The user token the request is admitted with; None for any other request."""
-        state: AppState = scope["app"].state.mirror
-        settings = state.settings
         raw_query: bytes = scope.get("query_string", b"")
         from_query = _query_token(raw_query) if QUERY_TOKEN.encode() in raw_query else None
-        service_tokens = [*settings.api_tokens, *settings.admin_tokens]
         token = from_query or bearer(_header(scope, b"authorization"))
         # API and admin tokens in the header (and requests with none) pass untouched: the
         # handlers judge them as ever. A JWT is three dot-separated parts; anything else is not.
-        if token is None:
+        if token is None or (from_query is None and token.count(".") != 2):
             return None
-        if from_query is None and (
-            not self._tokens.enabled or token.count(".") != 2 or known(token, service_tokens)
-        ):
+        state: AppState = scope["app"].state.mirror
+        settings = state.settings
+        service_tokens = [*settings.api_tokens, *settings.admin_tokens]
+        if from_query is None and (not self._tokens.enabled or known(token, service_tokens)):
             return None
         found = self._match(scope)
         if from_query is not None:
@@ -108,10 +106,18 @@ class ScopeGuard:
         return principal
 
     def _match(self, scope: Scope) -> tuple[Endpoint, dict[str, Any]] | None:
+        """The route the router will pick (the first whose path and method match) and its path
+        parameters; Route.matches does the same with a child scope this does not need."""
+        path: str = scope["path"]
+        root: str = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        method = scope["method"]
         for endpoint, route in self._routes:
-            match, child = route.matches(scope)
-            if match is Match.FULL:
-                return endpoint, child.get("path_params", {})
+            found = route.path_regex.match(path)
+            if found is not None and route.methods is not None and method in route.methods:
+                convert = route.param_convertors
+                return endpoint, {k: convert[k].convert(v) for k, v in found.groupdict().items()}
         return None
 
 
