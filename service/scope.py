@@ -48,6 +48,8 @@ QUERY_TOKEN = "access_token"
 
 
 class ScopeGuard:
+    """ASGI middleware: admits a user token to the route it asks for, or answers the problem."""
+
     def __init__(self, app: ASGIApp, endpoints: Sequence[Endpoint], tokens: UserTokens) -> None:
         self.app = app
         self._routes: list[tuple[Endpoint, Route]] = [(ep, ep.route()) for ep in endpoints]

@@ -446,7 +446,16 @@ async def test_mint_route_without_secrets_is_409(
         # And no token is a user token then.
         problem(await http.get("/v1/buddies/x", headers=bearer(token())), 401, "unauthorized")
         spec = (await http.get("/openapi.json")).json()
-        assert "/v1/user-tokens" in spec["paths"]
+        mint = spec["paths"]["/v1/user-tokens"]["post"]
+        assert {"201", "400", "401", "409"} <= mint["responses"].keys()
+        assert {"user": []} not in mint["security"]
+        stream = spec["paths"]["/v1/buddies/{buddy_id}/stream"]["get"]
+        assert {"user": []} in stream["security"]
+        assert "access_token" in [p["name"] for p in stream["parameters"]]
+        read = spec["paths"]["/v1/buddies/{buddy_id}"]["get"]
+        assert {"user": []} in read["security"]
+        assert "access_token" not in [p["name"] for p in read["parameters"]]
+        assert spec["components"]["securitySchemes"]["user"]["bearerFormat"] == "JWT"
 
 
 async def test_cors_preflight_allows_the_authorization_header(
