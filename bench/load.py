@@ -187,8 +187,9 @@ def _post_requests(spec: dict[str, Any]) -> list[bytes]:
 def _get_requests(spec: dict[str, Any]) -> list[bytes]:
     auth = {"Authorization": f"Bearer {spec['token']}"} if spec.get("token") else {}
     out = []
-    for path, etag in orjson.loads(Path(spec["targets_file"]).read_bytes()):
-        headers = dict(auth)
+    for path, etag, *token in orjson.loads(Path(spec["targets_file"]).read_bytes()):
+        # A third element is that target's own bearer token (a user token for its buddy's user).
+        headers = {"Authorization": f"Bearer {token[0]}"} if token else dict(auth)
         if etag and spec.get("conditional"):
             headers["If-None-Match"] = etag
         out.append(wire.raw_request("GET", path, headers))

@@ -1,8 +1,10 @@
-"""Read API: GET /v1/buddies/{id} (200 and 304) against a bare Starlette JSON endpoint."""
+"""Read API: GET /v1/buddies/{id} (200 and 304) against a bare Starlette JSON endpoint, with the
+API token and with user tokens (one per buddy's user, as browsers hold them)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import httpx
@@ -12,8 +14,11 @@ from bench import procs
 from bench.common import Ctx, check_load, database, get_spec, judge, latency, seed_buddies
 from bench.load import buddy_ids
 from bench.report import Section, Target, ratio, table
-from service import store
+from service import store, user_tokens
 from service.read.etags import etag
+
+# Signs the user tokens of the user-token row (any 32 bytes or more).
+USER_TOKEN_KEY = "bench-user-token-key-" + "b" * 43
 
 # --- read ----------------------------------------------------------------------------------
 
@@ -30,13 +35,22 @@ async def read(ctx: Ctx) -> Section:
             await seed_buddies(pool, env, worker, ids, 4 * p.buddies)
         finally:
             await worker.stop()
-        versions = await pool.fetch("SELECT buddy_id, version FROM buddies")
+        versions = await pool.fetch("SELECT buddy_id, user_id, version FROM buddies")
         await pool.close()
         targets = [
             (f"/v1/buddies/{r['buddy_id']}", etag(r["buddy_id"], r["version"])) for r in versions
         ]
         targets_file = ctx.logs / "read_targets.json"
         targets_file.write_bytes(orjson.dumps(targets))
+        # The same reads, each with a user token for that buddy's user: scope checked per request.
+        now = int(time.time())
+        user_targets = [
+            (path, tag, user_tokens.mint(USER_TOKEN_KEY, r["user_id"], None, 3600, now))
+            for (path, tag), r in zip(targets, versions, strict=True)
+        ]
+        user_targets_file = ctx.logs / "read_user_targets.json"
+        user_targets_file.write_bytes(orjson.dumps(user_targets))
+        env = {**env, "MIRROR_USER_TOKEN_SECRETS": USER_TOKEN_KEY}
         serve, port = await procs.start_service(env, ctx.logs, "read_serve")
         try:
             # Every target once before measuring: the cache then holds them all, as it does
@@ -44,9 +58,13 @@ async def read(ctx: Ctx) -> Section:
             # in first reads from Postgres (a slow machine's warm-up reaches only part).
             bodies = await _read_all(port, [t[0] for t in targets])
             payload = sorted(bodies, key=len)[len(bodies) // 2]  # a typical size for `bare`
-            for name, conditional in (("service_200", False), ("service_304", True)):
+            for name, conditional, file in (
+                ("service_200", False, targets_file),
+                ("service_304", True, targets_file),
+                ("service_200_user", False, user_targets_file),
+            ):
                 results[name] = await procs.run_load(
-                    get_spec(ctx, port, targets_file, conditional), ctx.logs, f"read_{name}"
+                    get_spec(ctx, port, file, conditional), ctx.logs, f"read_{name}"
                 )
         finally:
             await serve.stop()
@@ -66,9 +84,10 @@ async def read(ctx: Ctx) -> Section:
         "bare": f"bare Starlette JSON endpoint ({len(payload):,} B body, no DB)",
         "service_200": "GET /v1/buddies/{id} → 200",
         "service_304": "GET /v1/buddies/{id} + If-None-Match → 304",
+        "service_200_user": "GET /v1/buddies/{id} → 200, a user token per buddy's user",
     }
     rows = []
-    for name in ("bare", "service_200", "service_304"):
+    for name in ("bare", "service_200", "service_304", "service_200_user"):
         r = results[name]
         lat = latency(r)
         rows.append(
@@ -88,9 +107,15 @@ async def read(ctx: Ctx) -> Section:
     )
     sec.blocks.append(table(["endpoint", "req/s", "p50 ms", "p99 ms", "statuses", "÷ bare"], rows))
     r200, r304 = results["service_200"]["rps"], results["service_304"]["rps"]
+    r_user = results["service_200_user"]["rps"]
     sec.targets += [
         Target(
             "GET ≥ 0.8x bare JSON endpoint", f"{ratio(r200, base)}x", judge(p, r200 >= 0.8 * base)
+        ),
+        Target(
+            "GET with a user token ≥ 0.8x bare JSON endpoint",
+            f"{ratio(r_user, base)}x",
+            judge(p, r_user >= 0.8 * base),
         ),
         Target(
             "304 path faster than 200", f"{ratio(r304, r200)}x the 200 path", judge(p, r304 > r200)

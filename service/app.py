@@ -28,13 +28,15 @@ from service.ingest.wakeups import Waker
 from service.logs import RequestIdMiddleware
 from service.problems import DATABASE_ERRORS, Problem, unavailable
 from service.read import changes as change_feed
-from service.read import openapi, schemas
+from service.read import mint, openapi, schemas
 from service.read import routes as api
 from service.read.cache import BuddyCache
 from service.read.cached import CachedBuddyReads
 from service.read.openapi import CURSOR, Endpoint, Param, limit_param, text_param
 from service.read.stream import Broadcaster
+from service.scope import ScopeGuard
 from service.state import AppState
+from service.user_tokens import UserTokens
 
 log = structlog.get_logger(__name__)
 
@@ -138,6 +140,7 @@ def endpoints(settings: Settings) -> list[Endpoint]:
             {200: schemas.BuddyPage},
             params=[text_param("user_id"), text_param("audience"), limit_param(), CURSOR],
             errors=BAD_PAGE,
+            user="buddies",
         ),
         Endpoint(
             "GET",
@@ -148,6 +151,7 @@ def endpoints(settings: Settings) -> list[Endpoint]:
             {200: schemas.BuddyOut, 304: None},
             params=[BUDDY_ID, Param("If-None-Match", "header", {"type": "string"})],
             errors=NOT_FOUND,
+            user="buddy",
         ),
         Endpoint(
             "GET",
@@ -158,6 +162,7 @@ def endpoints(settings: Settings) -> list[Endpoint]:
             {200: schemas.LedgerPage},
             params=[BUDDY_ID, text_param("currency"), limit_param(), CURSOR],
             errors={**NOT_FOUND, **BAD_PAGE},
+            user="buddy",
         ),
         Endpoint(
             "GET",
@@ -168,6 +173,7 @@ def endpoints(settings: Settings) -> list[Endpoint]:
             {200: schemas.EventPage},
             params=[BUDDY_ID, limit_param(), CURSOR],
             errors={**NOT_FOUND, **BAD_PAGE},
+            user="buddy",
         ),
         Endpoint(
             "GET",
@@ -178,6 +184,7 @@ def endpoints(settings: Settings) -> list[Endpoint]:
             {200: "text/event-stream"},
             params=[BUDDY_ID],
             errors={503: "too_many_streams: this process serves its maximum of live streams"},
+            user="buddy",
         ),
         Endpoint(
             "GET",
@@ -188,6 +195,22 @@ def endpoints(settings: Settings) -> list[Endpoint]:
             {200: schemas.BuddyOut, 304: None},
             params=[text_param("user_id", "path"), text_param("audience")],
             errors=NOT_FOUND,
+            user="user",
+        ),
+        Endpoint(
+            "POST",
+            "/v1/user-tokens",
+            mint.create_user_token,
+            "Mint a user token: one end user's read-only credential for the browser",
+            "api",
+            {201: schemas.UserTokenOut},
+            errors={
+                400: "invalid_parameter: the field is named in `detail` (ttl_seconds above "
+                "MIRROR_USER_TOKEN_MAX_TTL_S, say)",
+                409: "user_tokens_not_configured: MIRROR_USER_TOKEN_SECRETS unset",
+            },
+            request_body='{"user_id": string, "audience": string | null, "ttl_seconds": '
+            "integer (default 900)}",
         ),
         Endpoint(
             "GET",
@@ -318,8 +341,8 @@ def create_app(settings: Settings, *, demo: bool = False) -> Starlette:
             await waker.close()
             await pool.close()
 
+    table.append(Endpoint("GET", "/openapi.json", openapi_json, "", "none", {}))
     routes = [ep.route() for ep in table]
-    routes.append(Endpoint("GET", "/openapi.json", openapi_json, "", "none", {}).route())
     if demo:
         routes.append(demo_page.demo_route())
     middleware = [Middleware(RequestIdMiddleware)]
@@ -329,11 +352,15 @@ def create_app(settings: Settings, *, demo: bool = False) -> Starlette:
                 CORSMiddleware,
                 allow_origins=settings.cors_origins,
                 allow_methods=["GET", "POST"],
+                # Authorization carries user tokens (never an API token: see the README).
                 allow_headers=["Authorization", "If-None-Match", "Content-Type"],
                 expose_headers=["ETag"],
             )
         )
-    # Innermost, so CORS and the request id still apply to what it answers.
+    # Inside CORS and the request id, which apply to what they answer; the scope guard first,
+    # so the cached reads serve a user token only what the guard admitted.
+    user_tokens = UserTokens(settings.user_token_secrets, settings.user_token_max_ttl_s)
+    middleware.append(Middleware(ScopeGuard, endpoints=table, tokens=user_tokens))
     middleware.append(Middleware(CachedBuddyReads))
     return Starlette(
         routes=routes,

@@ -6,8 +6,13 @@ import hmac
 from collections.abc import Sequence
 
 from starlette.requests import Request
+from starlette.types import Scope
 
 from service.problems import Problem
+from service.user_tokens import Principal
+
+# Where service/scope.py leaves the verified user token of a request (only it sets this key).
+PRINCIPAL = "hatched_mirror.principal"
 
 
 def bearer(header: str) -> str | None:
@@ -18,14 +23,23 @@ def bearer(header: str) -> str | None:
     return token.strip()
 
 
-def authorized(header: str, tokens: Sequence[str]) -> bool:
-    token = bearer(header)
+def known(token: str | None, tokens: Sequence[str]) -> bool:
     # Compare against every token so the time taken does not tell which one was close.
     matched = False
     for candidate in tokens:
         if token is not None and hmac.compare_digest(token.encode(), candidate.encode()):
             matched = True
     return matched
+
+
+def authorized(header: str, tokens: Sequence[str]) -> bool:
+    return known(bearer(header), tokens)
+
+
+def principal_of(scope: Scope) -> Principal | None:
+    """The user token this request was admitted with, if it came with one."""
+    principal: Principal | None = scope.get(PRINCIPAL)
+    return principal
 
 
 def require_token(request: Request, tokens: Sequence[str]) -> None:
@@ -37,3 +51,9 @@ def require_token(request: Request, tokens: Sequence[str]) -> None:
             "send Authorization: Bearer <token> with a valid token",
             {"WWW-Authenticate": "Bearer"},
         )
+
+
+def require_reader(request: Request, tokens: Sequence[str]) -> None:
+    """An API token, or a user token service/scope.py admitted to this very route."""
+    if principal_of(request.scope) is None:
+        require_token(request, tokens)

@@ -23,6 +23,8 @@ from service.config import ConfigError, Settings, load_settings, require
 DEV_SECRET = "whsec_dev_local_secret"
 DEV_API_TOKEN = "dev-api-token"
 DEV_ADMIN_TOKEN = "dev-admin-token"
+# `dev` signs user tokens with this unless MIRROR_USER_TOKEN_SECRETS is set (at least 32 bytes).
+DEV_USER_TOKEN_SECRET = "dev-user-token-secret-not-for-production"
 
 
 def _settings(command: str, **overrides: Any) -> Settings:
@@ -117,6 +119,7 @@ def dev(data_dir: str, host: str, port: int) -> None:
     os.environ.setdefault("HATCHED_WEBHOOK_SECRETS", DEV_SECRET)
     os.environ.setdefault("MIRROR_API_TOKENS", DEV_API_TOKEN)
     os.environ.setdefault("MIRROR_ADMIN_TOKENS", DEV_ADMIN_TOKEN)
+    os.environ.setdefault("MIRROR_USER_TOKEN_SECRETS", DEV_USER_TOKEN_SECRET)
     os.environ.setdefault("MIRROR_LOG_FORMAT", "console")
     base = load_settings()
     if base.database_url and base.redis_url:

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     cors_origins: CsvList = Field(default_factory=list, alias="MIRROR_CORS_ORIGINS")
     max_body_bytes: int = Field(default=1_048_576, ge=1024, alias="MIRROR_MAX_BODY_BYTES")
     changes_retention_days: float = Field(default=7.0, gt=0, alias="MIRROR_CHANGES_RETENTION_DAYS")
+    user_token_secrets: CsvList = Field(default_factory=list, alias="MIRROR_USER_TOKEN_SECRETS")
+    user_token_max_ttl_s: int = Field(default=86_400, ge=1, alias="MIRROR_USER_TOKEN_MAX_TTL_S")
 
     # Additions to the contract (documented in the README).
     shards: int = Field(default=32, ge=1, le=4096, alias="MIRROR_SHARDS")
@@ -69,6 +71,15 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("user_token_secrets", mode="before")
+    @classmethod
+    def _user_token_secrets(cls, value: Any) -> Any:
+        secrets = _split_csv(value)
+        # RFC 7518 3.2: an HS256 key must be at least as long as the hash, 32 bytes.
+        if isinstance(secrets, list) and any(len(str(s).encode()) < 32 for s in secrets):
+            raise ValueError("every key must be at least 32 bytes")
+        return secrets
 
     @field_validator("database_url")
     @classmethod

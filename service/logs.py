@@ -47,11 +47,32 @@ def configure(fmt: str = "json", level: int = logging.INFO) -> None:
             ]
         )
     )
+    handler.addFilter(RedactQueryTokens())
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level)
     # One line per outgoing REST call is noise; the hatched_api_requests_total metric counts them.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+_QUERY_TOKEN = re.compile(r"(access_token=)[^&\s\"']*")
+
+
+def redact(text: str) -> str:
+    """A URL's `access_token=` value replaced: a user token in a URL is never written out."""
+    return _QUERY_TOKEN.sub(r"\1[redacted]", text) if "access_token=" in text else text
+
+
+class RedactQueryTokens(logging.Filter):
+    """On the one stdlib handler, so uvicorn's access lines (`hatched-mirror dev` writes them)
+    and anything else logging a URL never carry a token from a query string."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        return True
 
 
 _SAFE_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")

@@ -89,6 +89,11 @@ def buddy_not_found(detail: str) -> Problem:
     return Problem(404, "buddy_not_found", "Buddy not found", detail)
 
 
+def no_such_buddy(buddy_id: str) -> Problem:
+    """The one answer for a buddy not mirrored, or not the user token's: the same bytes."""
+    return buddy_not_found(f"no buddy {buddy_id!r} mirrored")
+
+
 def unauthorized(detail: str = "send Authorization: Bearer <token> with a valid token") -> Problem:
     return Problem(401, "unauthorized", "Unauthorized", detail, {"WWW-Authenticate": "Bearer"})
 
@@ -111,3 +116,8 @@ def hatched_api_not_configured(purpose: str) -> Problem:
         "Hatched API not configured",
         f"set HATCHED_API_URL and HATCHED_API_KEY to {purpose}",
     )
+
+
+def forbidden(detail: str) -> Problem:
+    """A valid credential that may not do this (a user token outside its user, say)."""
+    return Problem(403, "forbidden", "Forbidden", detail)

@@ -30,7 +30,7 @@ from starlette.responses import Response
 
 from service import store
 from service.apply.projector import public_view
-from service.auth import require_token
+from service.auth import require_reader
 from service.bootstrap import flow, repository
 from service.bootstrap import jobs as bootstrap_jobs
 from service.bootstrap import problems as bootstrap_problems
@@ -51,6 +51,7 @@ from service.problems import (
 )
 from service.read.etags import etag
 from service.read.stream import Broadcaster, TooManyClients, buddy_events
+from service.scope import narrow_body
 from service.state import AppState
 
 log = structlog.get_logger(__name__)
@@ -69,7 +70,7 @@ MAX_BODY = 16_384
 def states(request: Request) -> tuple[AppState, BootstrapState, HatchedAPI]:
     """Read token first, then the Hatched API; the order every bootstrap route answers in."""
     state: AppState = request.app.state.mirror
-    require_token(request, state.settings.api_tokens)
+    require_reader(request, state.settings.api_tokens)
     boot: BootstrapState | None = getattr(request.app.state, "bootstrap", None)
     if boot is None or boot.hatched is None:
         raise hatched_api_not_configured("bootstrap buddies through Hatched")
@@ -97,14 +98,14 @@ def audience_param(value: Any, name: str = "audience") -> str | None:
 async def json_body(request: Request) -> dict[str, Any]:
     raw = await read_body(request, MAX_BODY)
     if not raw.strip():
-        return {}
+        return narrow_body(request, {})
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise invalid_parameter("body", "must be a JSON object") from None
     if not isinstance(body, dict):
         raise invalid_parameter("body", "must be a JSON object")
-    return body
+    return narrow_body(request, body)
 
 
 def _buddy_answer(found: repository.Found) -> Response:

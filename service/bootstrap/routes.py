@@ -44,6 +44,7 @@ def endpoints(settings: Settings) -> list[Endpoint]:
             errors={**BAD_BODY, **HATCHED_ERRORS},
             request_body='{"audience": string | null}, optional; the body may be empty',
             tag="bootstrap",
+            user="user",
         ),
         Endpoint(
             "GET",
@@ -59,6 +60,7 @@ def endpoints(settings: Settings) -> list[Endpoint]:
                 503: "too_many_streams: this process serves its maximum of live streams",
             },
             tag="bootstrap",
+            user="user",
         ),
         Endpoint(
             "POST",
@@ -76,6 +78,7 @@ def endpoints(settings: Settings) -> list[Endpoint]:
             request_body='{"scopes": [string], "ttl_seconds": 60-86400 (default 3600), '
             '"audience": string | null}, all optional',
             tag="bootstrap",
+            user="user",
         ),
         Endpoint(
             "POST",
@@ -92,5 +95,6 @@ def endpoints(settings: Settings) -> list[Endpoint]:
             },
             request_body='{"audience": string | null}, optional; the body may be empty',
             tag="bootstrap",
+            user="user",
         ),
     ]

@@ -4,21 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 
 import click
 import uvicorn
 
-from service import logs
+from service import logs, user_tokens
 from service.app import create_app
 from service.apply.worker import create_worker, stop
 from service.config import Settings
 from service.store.migrations import migrate_database
+
+# The user the demo page's printed user token speaks for.
+DEMO_USER = "demo_user_1"
 
 
 def run_dev(settings: Settings, host: str, port: int) -> None:
     logs.configure(settings.log_format)
     asyncio.run(migrate_database(settings.postgres_dsn))
     url = f"http://{host}:{port}"
+    # The demo page holds what a browser may hold: a user token, not the API token.
+    user_token = (
+        user_tokens.mint(
+            settings.user_token_secrets[0],
+            DEMO_USER,
+            None,
+            settings.user_token_max_ttl_s,
+            int(time.time()),
+        )
+        if settings.user_token_secrets
+        else "(none: MIRROR_USER_TOKEN_SECRETS is empty)"
+    )
     click.echo(
         "\n".join(
             [
@@ -32,7 +48,9 @@ def run_dev(settings: Settings, host: str, port: int) -> None:
                 f"  DATABASE_URL     : {settings.database_url}",
                 f"  REDIS_URL        : {settings.redis_url}",
                 "  try              : hatched-mirror send-test-event buddy.hatched",
-                f"  bootstrap demo   : {url}/demo#token={settings.api_tokens[0]}"
+                f"  user token       : {user_token} ({DEMO_USER}, "
+                f"{settings.user_token_max_ttl_s} s)",
+                f"  bootstrap demo   : {url}/demo#token={user_token}"
                 + ("" if settings.hatched_api_enabled else " (set HATCHED_API_URL/_KEY)"),
                 "",
             ]

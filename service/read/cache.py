@@ -6,17 +6,24 @@ process's one listener drops that buddy from here; while the listener is not con
 is not used at all, so it can never serve a version older than one it missed hearing about.
 A read that raced with a change does not store its (possibly older) result: each entry is
 written only if no invalidation for that buddy happened since the read began.
+
+Each entry also remembers whose buddy it is (user id, audience), so a user token's read can be
+answered from here too without serving one user's buddy to another (service/scope.py).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
+# (user_id, audience) of a cached buddy; (None, None) matches no user token.
+Owner = tuple[str | None, str | None]
+NO_OWNER: Owner = (None, None)
+
 
 class BuddyCache:
     def __init__(self, max_entries: int) -> None:
         self._max = max_entries
-        self._entries: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[str, bytes, Owner]] = OrderedDict()
         self._epoch = 0  # bumped by clear(): every read in flight is then too old to store
         self._changes: dict[str, int] = {}
 
@@ -25,6 +32,11 @@ class BuddyCache:
         return self._max > 0
 
     def get(self, buddy_id: str) -> tuple[str, bytes] | None:
+        entry = self.lookup(buddy_id)
+        return (entry[0], entry[1]) if entry is not None else None
+
+    def lookup(self, buddy_id: str) -> tuple[str, bytes, Owner] | None:
+        """The ETag, body and owner of a cached buddy."""
         entry = self._entries.get(buddy_id)
         if entry is not None:
             self._entries.move_to_end(buddy_id)
@@ -34,10 +46,17 @@ class BuddyCache:
         """Taken before reading the database; `put` refuses if anything changed since."""
         return self._epoch, self._changes.get(buddy_id, 0)
 
-    def put(self, buddy_id: str, token: tuple[int, int], etag: str, body: bytes) -> None:
+    def put(
+        self,
+        buddy_id: str,
+        token: tuple[int, int],
+        etag: str,
+        body: bytes,
+        owner: Owner = NO_OWNER,
+    ) -> None:
         if not self.enabled or token != self.token(buddy_id):
             return
-        self._entries[buddy_id] = (etag, body)
+        self._entries[buddy_id] = (etag, body, owner)
         self._entries.move_to_end(buddy_id)
         while len(self._entries) > self._max:
             evicted, _ = self._entries.popitem(last=False)

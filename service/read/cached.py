@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.auth import authorized
+from service.auth import authorized, principal_of
+from service.problems import no_such_buddy
+from service.read.cache import Owner
 from service.read.etags import matches
 from service.state import AppState
 
@@ -19,6 +21,10 @@ class CachedBuddyReads:
     with a valid token is answered here with the very bytes and headers `get_buddy` sends;
     anything else (a miss, no or a wrong token, another path or method, a mounted root_path)
     goes on to the router unchanged, so errors keep their one implementation there.
+
+    A user token reaches here only admitted by service/scope.py (which checked, on this very
+    cache or in Postgres, that the buddy is its user's); the entry served is checked again, so
+    one user's cached buddy is never sent to another's token whatever happened in between.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -31,20 +37,36 @@ class CachedBuddyReads:
             if path.startswith(_BUDDY_PREFIX) and buddy_id and "/" not in buddy_id:
                 state: AppState = scope["app"].state.mirror
                 cache = state.broadcaster.cache
-                hit = cache.get(buddy_id) if state.broadcaster.connected.is_set() else None
-                if hit is not None and await _send_cached(scope, send, state, *hit):
+                hit = cache.lookup(buddy_id) if state.broadcaster.connected.is_set() else None
+                if hit is not None and await _send_cached(
+                    scope, receive, send, state, buddy_id, hit
+                ):
                     return
         await self.app(scope, receive, send)
 
 
-async def _send_cached(scope: Scope, send: Send, state: AppState, tag: str, body: bytes) -> bool:
+async def _send_cached(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    state: AppState,
+    buddy_id: str,
+    hit: tuple[str, bytes, Owner],
+) -> bool:
+    tag, body, owner = hit
     authorization = if_none_match = ""
     for name, value in scope["headers"]:
         if name == b"authorization":
             authorization = value.decode("latin-1")
         elif name == b"if-none-match":
             if_none_match = value.decode("latin-1")
-    if not authorized(authorization, state.settings.api_tokens):
+    principal = principal_of(scope)
+    if principal is not None:
+        if not principal.owns(*owner):
+            # Not this user's, so not here: the same answer as a buddy that does not exist.
+            await no_such_buddy(buddy_id).response()(scope, receive, send)
+            return True
+    elif not authorized(authorization, state.settings.api_tokens):
         return False
     headers = [(b"etag", tag.encode()), (b"cache-control", b"no-cache")]
     if matches(if_none_match, tag):

@@ -20,6 +20,11 @@ from service.read.schemas import ProblemOut
 
 Handler = Callable[[Request], Awaitable[Response]]
 Auth = Literal["none", "api", "admin", "signature"]
+# What a user token may do on a route; service/scope.py enforces it for the whole table.
+# "buddy": only a {buddy_id} of the token's user; "buddies": the listing, narrowed to that user;
+# "user": only the token's own {user_id}; "forbidden" (the default, so a new route is closed to
+# user tokens until it says otherwise): nothing.
+UserAccess = Literal["forbidden", "buddy", "buddies", "user"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,12 @@ class Endpoint:
     errors: dict[int, str] = field(default_factory=dict)
     request_body: str | None = None
     tag: str = "read"
+    user: UserAccess = "forbidden"
+
+    @property
+    def streams(self) -> bool:
+        """A `…/stream` route: it also takes a user token as `?access_token=` (EventSource)."""
+        return self.path.endswith("/stream")
 
     def route(self) -> Route:
         return Route(self.path, self.handler, methods=[self.method])
@@ -54,6 +65,14 @@ def limit_param(maximum: int = 200, default: int = 50) -> Param:
 
 
 CURSOR = Param("cursor", "query", {"type": "string"}, description="next_cursor of the last page")
+
+
+ACCESS_TOKEN = Param(
+    "access_token",
+    "query",
+    {"type": "string", "minLength": 1, "maxLength": 4096},
+    description="a user token, for EventSource (which cannot send headers); user tokens only",
+)
 
 
 def text_param(name: str, where: Literal["path", "query"] = "query") -> Param:
@@ -97,16 +116,25 @@ def build(endpoints: Sequence[Endpoint]) -> dict[str, Any]:
             # Handlers check their parameters, and a value the database cannot hold (a NUL)
             # is refused on every route (service/app.py, _unexpected).
             errors.setdefault(400, "invalid_parameter: `detail` names the parameter")
+        security = _SECURITY[ep.auth]
+        params = list(ep.params)
+        if ep.user != "forbidden":
+            security = [*security, {"user": []}]
+            errors[401] = errors[401] + "; token_expired: an expired user token"
+            if ep.user != "buddy":  # another user's buddy is a 404, as if it did not exist
+                errors.setdefault(403, "forbidden: a user token for another user")
+            if ep.streams:
+                params.append(ACCESS_TOKEN)
         for status, text in errors.items():
             responses[str(status)] = {"description": text, "content": problem}
         operation: dict[str, Any] = {
             "summary": ep.summary,
             "operationId": ep.handler.__name__,
             "tags": [ep.tag],
-            "security": _SECURITY[ep.auth],
+            "security": security,
             "responses": responses,
         }
-        if ep.params:
+        if params:
             operation["parameters"] = [
                 {
                     "name": p.name,
@@ -115,7 +143,7 @@ def build(endpoints: Sequence[Endpoint]) -> dict[str, Any]:
                     "schema": p.schema,
                     **({"description": p.description} if p.description else {}),
                 }
-                for p in ep.params
+                for p in params
             ]
         if ep.request_body is not None:
             operation["requestBody"] = {
@@ -136,6 +164,13 @@ def build(endpoints: Sequence[Endpoint]) -> dict[str, Any]:
                     "type": "http",
                     "scheme": "bearer",
                     "description": "MIRROR_ADMIN_TOKENS",
+                },
+                "user": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "JWT",
+                    "description": "a user token (HS256, MIRROR_USER_TOKEN_SECRETS), scoped to "
+                    "one user; on …/stream routes also as the query parameter access_token",
                 },
             },
         },

@@ -16,13 +16,14 @@ from starlette.responses import Response
 
 from service import erasure, store
 from service.apply.projector import Buddy, iso, public_view
-from service.auth import require_token
+from service.auth import require_reader, require_token
 from service.ingest.events import DELIVERY_STATUSES
 from service.problems import (
     Problem,
     buddy_not_found,
     invalid_parameter,
     json_response,
+    no_such_buddy,
     too_many_streams,
     unavailable,
 )
@@ -38,7 +39,7 @@ DEFAULT_LIMIT = 50
 
 def _reader(request: Request) -> AppState:
     state: AppState = request.app.state.mirror
-    require_token(request, state.settings.api_tokens)
+    require_reader(request, state.settings.api_tokens)
     return state
 
 
@@ -128,12 +129,12 @@ async def get_buddy(request: Request) -> Response:
     token = cache.token(buddy_id)
     found = await store.get_buddy(state.pool, buddy_id)
     if found is None:
-        raise buddy_not_found(f"no buddy {buddy_id!r} mirrored")
+        raise no_such_buddy(buddy_id)
     buddy, version, updated_at = found
     tag = etag(buddy_id, version)
     body = orjson.dumps(public_view(buddy, version, updated_at))
     if live:
-        cache.put(buddy_id, token, tag, body)
+        cache.put(buddy_id, token, tag, body, (buddy.user_id, buddy.audience))
     return rendered(request, tag, body)
 
 
@@ -162,7 +163,7 @@ async def user_buddy(request: Request) -> Response:
 
 async def _require_buddy(state: AppState, buddy_id: str) -> None:
     if await store.get_version(state.pool, buddy_id) is None:
-        raise buddy_not_found(f"no buddy {buddy_id!r} mirrored")
+        raise no_such_buddy(buddy_id)
 
 
 async def ledger(request: Request) -> Response:

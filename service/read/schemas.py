@@ -168,6 +168,15 @@ class Queued(_Out):
     buddy_id: str | None = None
 
 
+class UserTokenOut(_Out):
+    """A user token for one end user's browser (an HS256 JWT), and what it is scoped to."""
+
+    token: str
+    user_id: str
+    audience: str | None
+    expires_at: str
+
+
 class ProblemOut(BaseModel):
     """RFC 9457 problem details with a stable `code`."""
 

@@ -98,10 +98,12 @@ from service.store.pool import (
     create_pool,
 )
 from service.store.reads import (
+    BUDDY_OWNER,
     LIST_BUDDIES,
     LIST_EVENTS,
     LIST_LEDGER,
     USER_BUDDY,
+    buddy_owner,
     list_buddies,
     list_events,
     list_ledger,
@@ -111,6 +113,7 @@ from service.store.reads import (
 __all__ = [
     "APPLIED_FOR_BUDDY",
     "BUDDY_IDS_PAGE",
+    "BUDDY_OWNER",
     "CHANGES_PAGE",
     "CLAIM_BATCH",
     "CLAIM_SEQS",
@@ -162,6 +165,7 @@ __all__ = [
     "Stored",
     "applied_deliveries",
     "buddy_ids_page",
+    "buddy_owner",
     "changes_page",
     "claim_batch",
     "claim_seqs",

@@ -27,6 +27,15 @@ async def list_buddies(
     return [(_buddy(r), r["version"], r["updated_at"]) for r in rows]
 
 
+BUDDY_OWNER = "SELECT user_id, audience FROM buddies WHERE buddy_id = $1"
+
+
+async def buddy_owner(conn: Executor, buddy_id: str) -> tuple[str | None, str | None] | None:
+    """Whose buddy it is (user id, audience), for user tokens; None when there is no such buddy."""
+    row = await conn.fetchrow(BUDDY_OWNER, buddy_id)
+    return (row["user_id"], row["audience"]) if row is not None else None
+
+
 USER_BUDDY = f"""
 SELECT {_COLUMNS}, version, updated_at FROM buddies
 WHERE user_id = $1 AND ($2::text IS NULL OR audience = $2)

@@ -23,14 +23,16 @@ import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from service import store
+from service import store, user_tokens
 from service.app import create_app
 from service.config import Settings
+from service.dev.samples import build_delivery
 from tests.support.bootstrap import configured, deliver_outbox
-from tests.support.config import API_TOKEN
+from tests.support.config import SECRET
 from tests.support.fake_hatched import FakeHatched, serve_fake
 from tests.support.running import running_worker, serving
 
+USER_TOKEN_KEY = "demo-page-test-user-token-key-" + "d" * 34
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 FLAGS = (
     "--headless",
@@ -176,22 +178,23 @@ async def test_demo_page_bootstraps_and_mounts_the_widget(
     fake = FakeHatched(hatch_delay_s=1.0)  # long enough for the page to show "hatching"
     async with serve_fake(fake) as fake_url:
         boot_settings = await configured(migrated, redis_url, pool, fake_url)
+        boot_settings = boot_settings.model_copy(update={"user_token_secrets": [USER_TOKEN_KEY]})
         await drive_demo(binary, boot_settings, fake)
 
 
 async def drive_demo(binary: str, boot_settings: Settings, fake: FakeHatched) -> None:
+    # What `hatched-mirror dev` prints: the page holds a user token, never the API token.
+    token = user_tokens.mint(USER_TOKEN_KEY, "demo_user", None, 3600, int(time.time()))
     async with (
         serving(create_app(boot_settings, demo=True)) as url,
         running_worker(boot_settings),
         hatched_webhooks(url, fake),
         chromium(binary) as tab,
     ):
-        await tab.call("Page.navigate", url=f"{url}/demo#token={API_TOKEN}")
+        await tab.call("Page.navigate", url=f"{url}/demo#token={token}")
         await tab.wait_for("document.readyState === 'complete' && !!window.demo")
-        await tab.evaluate(
-            "document.getElementById('user-id').value = 'demo_user';"
-            "document.getElementById('bootstrap').click()"
-        )
+        assert await tab.evaluate("document.getElementById('user-id').value") == "demo_user"
+        await tab.evaluate("document.getElementById('bootstrap').click()")
         state = await tab.wait_for(
             "['mounted', 'error'].includes(document.body.dataset.state)"
             " && document.body.dataset.state"
@@ -227,3 +230,16 @@ async def drive_demo(binary: str, boot_settings: Settings, fake: FakeHatched) ->
         assert "hatching" not in await tab.evaluate("window.demo.states")
         assert len(fake.eggs) == 1 and fake.calls["POST /eggs/{egg_id}/hatch"] == 1
         assert len(fake.widget_sessions) == 2
+
+        # The page follows its buddy with an EventSource (`?access_token=`): a delivery shows.
+        buddy_id = page["buddy"]
+        await tab.wait_for(f"window.demo.seen && window.demo.seen.buddy_id === '{buddy_id}'")
+        headers, body = build_delivery(
+            "coins.earned", "v2", secret=SECRET, buddy_id=buddy_id, data={"amount": 9, "balance": 9}
+        )
+        async with httpx.AsyncClient(base_url=url) as http:
+            sent = await http.post("/webhooks/hatched", content=body, headers=headers)
+            assert sent.status_code == 202, sent.text
+        await tab.wait_for("window.demo.seen.coins === 9", within=10)
+        shown = await tab.evaluate("document.getElementById('live-coins').textContent")
+        assert shown == "9"

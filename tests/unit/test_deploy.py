@@ -51,6 +51,7 @@ SECRET_KEYS = {
     "MIRROR_API_TOKENS",
     "MIRROR_ADMIN_TOKENS",
     "HATCHED_API_KEY",
+    "MIRROR_USER_TOKEN_SECRETS",
 }
 # The worker lets the batch in hand commit for this long on SIGTERM (service/apply/worker.py).
 WORKER_JOB_WAIT_S = 30
