@@ -14,7 +14,8 @@ from bench import procs
 from bench.common import Ctx, check_load, database, get_spec, judge, latency, seed_buddies
 from bench.load import buddy_ids
 from bench.report import Section, Target, ratio, table
-from service import store, user_tokens
+from service import store
+from service.auth import user_tokens
 from service.read.etags import etag
 
 # Signs the user tokens of the user-token row (any 32 bytes or more).

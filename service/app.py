@@ -17,6 +17,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from service import metrics, store
+from service.auth.scope import ScopeGuard
+from service.auth.user_tokens import UserTokens
 from service.bootstrap import clients
 from service.bootstrap import routes as bootstrap_routes
 from service.config import Settings
@@ -34,9 +36,7 @@ from service.read.cache import BuddyCache
 from service.read.cached import CachedBuddyReads
 from service.read.openapi import CURSOR, Endpoint, Param, limit_param, text_param
 from service.read.stream import Broadcaster
-from service.scope import ScopeGuard
 from service.state import AppState
-from service.user_tokens import UserTokens
 
 log = structlog.get_logger(__name__)
 

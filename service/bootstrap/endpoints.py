@@ -30,7 +30,8 @@ from starlette.responses import Response
 
 from service import store
 from service.apply.projector import public_view
-from service.auth import require_reader
+from service.auth.bearer import require_reader
+from service.auth.scope import narrow_body
 from service.bootstrap import flow, repository
 from service.bootstrap import jobs as bootstrap_jobs
 from service.bootstrap import problems as bootstrap_problems
@@ -51,7 +52,6 @@ from service.problems import (
 )
 from service.read.etags import etag
 from service.read.stream import Broadcaster, TooManyClients, buddy_events
-from service.scope import narrow_body
 from service.state import AppState
 
 log = structlog.get_logger(__name__)

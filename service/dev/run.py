@@ -9,9 +9,10 @@ import time
 import click
 import uvicorn
 
-from service import logs, user_tokens
+from service import logs
 from service.app import create_app
 from service.apply.worker import create_worker, stop
+from service.auth import user_tokens
 from service.config import Settings
 from service.store.migrations import migrate_database
 

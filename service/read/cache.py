@@ -8,7 +8,7 @@ A read that raced with a change does not store its (possibly older) result: each
 written only if no invalidation for that buddy happened since the read began.
 
 Each entry also remembers whose buddy it is (user id, audience), so a user token's read can be
-answered from here too without serving one user's buddy to another (service/scope.py).
+answered from here too without serving one user's buddy to another (service/auth/scope.py).
 """
 
 from __future__ import annotations

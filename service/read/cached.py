@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.auth import authorized, principal_of
+from service.auth.bearer import authorized, principal_of
 from service.problems import no_such_buddy
 from service.read.cache import Owner
 from service.read.etags import matches
@@ -22,7 +22,7 @@ class CachedBuddyReads:
     anything else (a miss, no or a wrong token, another path or method, a mounted root_path)
     goes on to the router unchanged, so errors keep their one implementation there.
 
-    A user token reaches here only admitted by service/scope.py (which checked, on this very
+    A user token reaches here only admitted by service/auth/scope.py (which checked, on this very
     cache or in Postgres, that the buddy is its user's); the entry served is checked again, so
     one user's cached buddy is never sent to another's token whatever happened in between.
     """

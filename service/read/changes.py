@@ -22,7 +22,7 @@ from starlette.responses import Response
 
 from service import store
 from service.apply.changes import FIELD_NAMES
-from service.auth import require_token
+from service.auth.bearer import require_token
 from service.config import Settings
 from service.problems import Problem, invalid_parameter, json_response, too_many_streams
 from service.read import schemas

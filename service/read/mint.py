@@ -11,9 +11,9 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service import user_tokens
 from service.apply.projector import iso
-from service.auth import require_token
+from service.auth import user_tokens
+from service.auth.bearer import require_token
 from service.ingest.receiver import read_body
 from service.problems import Problem, invalid_parameter, json_response
 from service.state import AppState

@@ -20,7 +20,7 @@ from service.read.schemas import ProblemOut
 
 Handler = Callable[[Request], Awaitable[Response]]
 Auth = Literal["none", "api", "admin", "signature"]
-# What a user token may do on a route; service/scope.py enforces it for the whole table.
+# What a user token may do on a route; service/auth/scope.py enforces it for the whole table.
 # "buddy": only a {buddy_id} of the token's user; "buddies": the listing, narrowed to that user;
 # "user": only the token's own {user_id}; "forbidden" (the default, so a new route is closed to
 # user tokens until it says otherwise): nothing.

@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from service import erasure, store
 from service.apply.projector import Buddy, iso, public_view
-from service.auth import require_reader, require_token
+from service.auth.bearer import require_reader, require_token
 from service.ingest.events import DELIVERY_STATUSES
 from service.problems import (
     Problem,

@@ -23,8 +23,9 @@ import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from service import store, user_tokens
+from service import store
 from service.app import create_app
+from service.auth import user_tokens
 from service.config import Settings
 from service.dev.samples import build_delivery
 from tests.support.bootstrap import configured, deliver_outbox

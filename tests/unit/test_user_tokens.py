@@ -16,12 +16,12 @@ import structlog
 from starlette.types import Message
 
 from service import logs
-from service.auth import PRINCIPAL
+from service.auth.bearer import PRINCIPAL
+from service.auth.user_tokens import Principal, UserTokens, mint
 from service.config import ConfigError, load_settings
 from service.problems import Problem
 from service.read.cache import BuddyCache
 from service.read.cached import CachedBuddyReads
-from service.user_tokens import Principal, UserTokens, mint
 
 KEY = "unit-test-user-token-key-" + "u" * 39
 OLD = "unit-test-retired-token-key-" + "r" * 36

@@ -1,6 +1,6 @@
 """What a user token may do: decided here, once, for every route of the table.
 
-A user token (service/user_tokens.py) speaks for one Hatched user and maybe one audience. This
+A user token (service/auth/user_tokens.py) speaks for one Hatched user and maybe one audience. This
 middleware sits in front of the cached reads and the router: it finds the route a request is for
 in the same `Endpoint` table the router and /openapi.json are built from, and applies that
 route's `user` access (service/read/openapi.py):
@@ -31,7 +31,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import store
-from service.auth import PRINCIPAL, bearer, known, principal_of
+from service.auth.bearer import PRINCIPAL, bearer, known, principal_of
+from service.auth.user_tokens import Principal, UserTokens
 from service.problems import (
     DATABASE_ERRORS,
     Problem,
@@ -42,7 +43,6 @@ from service.problems import (
 )
 from service.read.openapi import Endpoint
 from service.state import AppState
-from service.user_tokens import Principal, UserTokens
 
 QUERY_TOKEN = "access_token"
 

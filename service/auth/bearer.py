@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from starlette.requests import Request
 from starlette.types import Scope
 
+from service.auth.user_tokens import Principal
 from service.problems import Problem
-from service.user_tokens import Principal
 
-# Where service/scope.py leaves the verified user token of a request (only it sets this key).
+# Where service/auth/scope.py leaves the verified user token of a request (only it sets this key).
 PRINCIPAL = "hatched_mirror.principal"
 
 
@@ -54,6 +54,6 @@ def require_token(request: Request, tokens: Sequence[str]) -> None:
 
 
 def require_reader(request: Request, tokens: Sequence[str]) -> None:
-    """An API token, or a user token service/scope.py admitted to this very route."""
+    """An API token, or a user token service/auth/scope.py admitted to this very route."""
     if principal_of(request.scope) is None:
         require_token(request, tokens)
