@@ -208,6 +208,15 @@ def endpoints(settings: Settings) -> list[Endpoint]:
         ),
         Endpoint(
             "GET",
+            "/readyz/inbox",
+            readyz_inbox,
+            "Postgres reachable: deliveries are accepted (the serve readiness probe)",
+            "none",
+            {200: schemas.Health, 503: schemas.Health},
+            tag="operations",
+        ),
+        Endpoint(
+            "GET",
             "/metrics",
             metrics_endpoint,
             "Prometheus metrics",

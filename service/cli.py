@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,6 +59,10 @@ def app_from_env() -> Any:
     return create_app(_settings("serve"))
 
 
+def _exit_requested(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 @main.command()
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
@@ -65,6 +70,11 @@ def app_from_env() -> Any:
 def serve(host: str, port: int, workers: int) -> None:
     """HTTP: receiver, read API, operations endpoints."""
     _settings("serve")  # refuse to start half-configured, before forking anything
+    # uvicorn re-raises the SIGTERM/SIGINT it shut down on, once it has (as `dev` notes); with
+    # the default handlers the process would then die of the signal (exit 143), which
+    # supervisors read as a crash. A stop that was asked for ends with status 0 instead.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_requested)
     uvicorn.run(
         "service.cli:app_from_env",
         factory=True,
