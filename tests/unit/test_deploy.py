@@ -742,22 +742,46 @@ def test_dockerfile_is_multi_stage_slim_and_non_root() -> None:
     assert any(i == "COPY" and a.startswith("--from=builder") for i, a in final)
 
 
-def test_dockerfile_installs_from_the_lock() -> None:
+def test_dockerfile_installs_from_the_lock_with_hashes() -> None:
     builder = stages()[0]
     runs = " ".join(a for i, a in builder if i == "RUN")
-    assert "-r /tmp/requirements.lock" in runs
-    assert re.search(r"pip install --no-deps\b[^&]* \.", runs)
+    assert re.search(r"pip install [^&]*--require-hashes -r /tmp/requirements.lock", runs)
+    # The package itself: the wheel, without letting pip resolve anything else.
+    assert re.search(r"pip install [^&]*--no-deps /dist/hatched_mirror-\S*\.whl", runs)
     copies = [a for i, a in builder if i == "COPY"]
     assert any(a.startswith("requirements.lock ") for a in copies)
 
 
-def test_image_finds_the_migrations() -> None:
-    """The wheel holds only service/; store.py reads MIRROR_SQL_DIR, which must hold sql/."""
+def test_image_needs_no_sql_dir() -> None:
+    """The migrations ship inside the wheel (package data `service.sql`); the image installs
+    the wheel and sets no MIRROR_SQL_DIR. That the wheel really carries them and migrates from
+    a fresh venv: tests/integration/test_wheel.py."""
     final = stages()[-1]
-    sql_dir = env_of(final)["MIRROR_SQL_DIR"]
-    copies = [a.split() for i, a in final if i == "COPY" and not a.startswith("--")]
-    assert any(src.rstrip("/") == "sql" and dst.rstrip("/") == sql_dir for src, dst in copies)
+    assert "MIRROR_SQL_DIR" not in env_of(final)
+    assert not [a for i, a in final if i == "COPY" and not a.startswith("--from=")]
+    builder_copies = [a.split() for i, a in stages()[0] if i == "COPY"]
+    assert ["sql", "./sql"] in builder_copies
     assert list((ROOT / "sql").glob("[0-9][0-9][0-9][0-9]_*.sql"))
+
+
+def test_runtime_stage_drops_the_installers() -> None:
+    final = stages()[-1]
+    runs = " ".join(a for i, a in final if i == "RUN")
+    assert re.search(r"pip uninstall --yes [^&]*pip setuptools", runs)
+    builder_runs = " ".join(a for i, a in stages()[0] if i == "RUN")
+    # The runtime venv, copied whole, loses its own pip and setuptools in the builder.
+    assert re.search(r"/opt/venv/bin/python -m pip uninstall --yes pip setuptools", builder_runs)
+
+
+def test_hadolint_passes() -> None:
+    hadolint = require_tool("hadolint")
+    result = subprocess.run(
+        [hadolint, "--no-color", str(ROOT / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_healthcheck_commands_compile() -> None:
@@ -786,14 +810,23 @@ def test_dockerignore_keeps_what_the_dockerfile_copies() -> None:
                     assert (ROOT / src).exists(), src
 
 
+def lock_requirements() -> list[str]:
+    """The lock's requirement lines, continuations joined, comments dropped."""
+    text = (ROOT / "requirements.lock").read_text(encoding="utf-8")
+    lines = [raw.split("#", 1)[0].rstrip() for raw in text.splitlines()]
+    joined = "\n".join(line for line in lines if line.strip()).replace("\\\n", " ")
+    return [line.strip() for line in joined.splitlines()]
+
+
 def lock_pins() -> dict[str, str]:
     pins: dict[str, str] = {}
-    for raw in (ROOT / "requirements.lock").read_text(encoding="utf-8").splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        name, sep, version = line.partition("==")
-        assert sep and version and re.fullmatch(r"[A-Za-z0-9._-]+", name), f"not pinned: {raw}"
+    for line in lock_requirements():
+        spec, *options = line.split(" --hash=")
+        name, sep, version = spec.strip().partition("==")
+        assert sep and version and re.fullmatch(r"[A-Za-z0-9._-]+", name), f"not pinned: {line}"
+        # --require-hashes: every pin carries the sha256 of each file pip may pick.
+        assert options, f"{name} has no --hash"
+        assert all(re.fullmatch(r"sha256:[0-9a-f]{64}", o.strip()) for o in options), name
         pins[canonicalize_name(name)] = version
     return pins
 
