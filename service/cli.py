@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -75,6 +78,13 @@ def serve(host: str, port: int, workers: int) -> None:
     # supervisors read as a crash. A stop that was asked for ends with status 0 instead.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_requested)
+    if workers > 1:
+        # Each process would count on its own and a scrape would see one of them at random:
+        # prometheus_client's multiprocess mode shares the values through files in this
+        # folder, and /metrics sums them (service/metrics.py, render_latest).
+        folder = tempfile.mkdtemp(prefix="hatched-mirror-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
     uvicorn.run(
         "service.cli:app_from_env",
         factory=True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service import metrics
 from service.auth import authorized
 from service.read.etags import matches
 from service.state import AppState
@@ -32,6 +33,7 @@ class CachedBuddyReads:
                 state: AppState = scope["app"].state.mirror
                 cache = state.broadcaster.cache
                 hit = cache.get(buddy_id) if state.broadcaster.connected.is_set() else None
+                scope[metrics.ROUTE_KEY] = "/v1/buddies/{buddy_id}"
                 if hit is not None and await _send_cached(scope, send, state, *hit):
                     return
         await self.app(scope, receive, send)
