@@ -205,6 +205,23 @@ def backfill(buddy_ids: tuple[str, ...], user_ids: tuple[str, ...], everything: 
     click.echo(f"backfill loaded {loaded} buddies; the worker applies them")
 
 
+@main.command()
+@click.option("--url", default=None, help="a running serve: POST it a signed test delivery")
+def doctor(url: str | None) -> None:
+    """Check the installation and say what to fix; exit status 1 when anything fails."""
+    from service.doctor import Check, render, run_checks
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        click.echo(render([Check("configuration", False, str(exc), "fix the setting named")]))
+        sys.exit(1)
+    checks = asyncio.run(run_checks(settings, url))
+    click.echo(render(checks))
+    if not all(check.ok for check in checks):
+        sys.exit(1)
+
+
 @main.command("send-test-event")
 @click.argument("event_type")
 @click.option("--buddy-id", default="buddy_01HXA7Q2M9K3", show_default=True)
