@@ -622,6 +622,42 @@ def test_rendered_overlay() -> None:
             kv.validate(doc, K8S_VERSION, strict=True)
 
 
+def test_overlay_network_ports_follow_its_patches() -> None:
+    """The overlay sets the Postgres and Redis egress ports; the rendered policy has them, and
+    the worker's metrics ingress matches the rendered MIRROR_WORKER_METRICS_PORT."""
+    rendered = kubectl_kustomize(OVERLAY)
+    default = find(rendered, "NetworkPolicy", "hatched-mirror-default")
+    patch = next(
+        p
+        for p in kustomization(OVERLAY)["patches"]
+        if p.get("target", {}).get("kind") == "NetworkPolicy"
+    )
+    for op in yaml.safe_load(patch["patch"]):
+        rule = int(op["path"].split("/")[3])
+        assert default["spec"]["egress"][rule]["ports"][0]["port"] == op["value"]
+    port = int(find(rendered, "ConfigMap", CONFIGMAP)["data"]["MIRROR_WORKER_METRICS_PORT"])
+    metrics_policy = find(rendered, "NetworkPolicy", "hatched-mirror-worker-metrics")
+    assert metrics_policy["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": port}]
+
+
+def sync_wave(doc: Doc) -> int:
+    return int(doc["metadata"].get("annotations", {}).get("argocd.argoproj.io/sync-wave", "0"))
+
+
+def test_argo_cd_runs_migrate_after_its_configuration_and_before_the_pods() -> None:
+    rendered = kubectl_kustomize(OVERLAY)
+    job = find(rendered, "Job", MIGRATE)
+    annotations = job["metadata"]["annotations"]
+    # A Sync hook honours waves; a PreSync hook would run before the ConfigMap exists.
+    assert annotations["argocd.argoproj.io/hook"] == "Sync"
+    assert annotations["argocd.argoproj.io/hook-delete-policy"] == "BeforeHookCreation"
+    needs = [find(rendered, "ConfigMap", CONFIGMAP), find(rendered, "ServiceAccount", IMAGE)]
+    needs.append(find(base_docs(), "Secret", SECRET))  # created out of band by the overlay
+    assert all(sync_wave(doc) < sync_wave(job) for doc in needs)
+    for name in (SERVE, WORKER):
+        assert sync_wave(job) < sync_wave(find(rendered, "Deployment", name))
+
+
 # --- compose --------------------------------------------------------------------------------------
 
 
@@ -654,7 +690,7 @@ def test_compose() -> None:
         assert service["healthcheck"]["test"][0] == "CMD", name
         assert service["build"]["context"] == ".."
         assert (DEPLOY / service["build"]["context"] / service["build"]["dockerfile"]).exists()
-    assert services["serve"]["ports"] == ["8000:8000"]
+    assert services["serve"]["ports"] == ["127.0.0.1:8000:8000"], "loopback only"
     assert seconds(services["serve"]["stop_grace_period"]) > SERVE_GRACEFUL_S
     assert seconds(services["worker"]["stop_grace_period"]) > WORKER_JOB_WAIT_S
 
@@ -668,10 +704,12 @@ def test_compose_environment() -> None:
         assert {"DATABASE_URL", "REDIS_URL"} <= set(env)
     env = services["serve"]["environment"]
     # Secrets come from the caller's environment; the fallbacks say they are for this stack only.
-    for key in ("HATCHED_WEBHOOK_SECRETS", "MIRROR_API_TOKENS", "MIRROR_ADMIN_TOKENS"):
+    for key in ("HATCHED_WEBHOOK_SECRETS", "MIRROR_API_TOKENS"):
         match = re.fullmatch(r"\$\{" + key + r":-(.*)\}", env[key])
         assert match, key
         assert re.search(r"dev.only", match.group(1)), key
+    # No well-known admin token: the admin API is off unless the caller sets one.
+    assert env["MIRROR_ADMIN_TOKENS"] == "${MIRROR_ADMIN_TOKENS:-}"
 
 
 # --- Dockerfile, .dockerignore, requirements.lock -------------------------------------------------
