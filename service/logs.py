@@ -58,8 +58,9 @@ def configure(fmt: str = "json", level: int = logging.INFO) -> None:
         arq_worker.addFilter(_ArqChatter())
 
 
-# arq's "  0.01s → cron:sweep()" and "  0.02s ← cron:sweep ● 0" lines, and its health record.
-_ARQ_CHATTER = re.compile(r"\s*-?[\d.]+s [→←] cron:|recording health")
+# arq's "  0.01s → cron:sweep()" and "  0.02s ← cron:sweep ● 0" lines, its health record, and
+# the "shutdown on SIGUSR1" it writes when stopped in-process with no signal at all (`dev`).
+_ARQ_CHATTER = re.compile(r"\s*-?[\d.]+s [→←] cron:|recording health|shutdown on SIGUSR1")
 
 
 class _ArqChatter(logging.Filter):

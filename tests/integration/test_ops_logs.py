@@ -4,6 +4,7 @@ secret), rate-limited; a worker at idle does not log arq's cron runs at INFO."""
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from service import logs
 from service.dev.samples import build_delivery
 from tests.support.config import SECRET
-from tests.support.harness import Process, serve, service_env
+from tests.support.harness import Process, free_port, serve, service_env
 
 
 def lines(log: Path) -> list[dict[str, object]]:
@@ -75,3 +76,28 @@ def test_an_idle_worker_does_not_log_cron_runs(
     assert "→ cron:" not in text and "← cron:" not in text, text[-2000:]
     assert "recording health" not in text
     assert len(text.splitlines()) < 15, text
+
+
+@pytest.mark.timeout(120)
+def test_dev_keeps_its_banner_readable(migrated: str, redis_url: str, tmp_path: Path) -> None:
+    """`make run` is `hatched-mirror dev`: at idle it writes a handful of lines after its
+    banner, not a scroll of cron runs, and says plainly that it stopped."""
+    log = tmp_path / "dev.log"
+    env = service_env(migrated, redis_url, MIRROR_QUEUE_NAME=f"dev-{time.time_ns()}")
+    env["MIRROR_LOG_FORMAT"] = "console"
+    port = free_port()
+    dev = Process(["dev", "--port", str(port)], env, log).start()
+    try:
+        deadline = time.monotonic() + 30
+        while "Uvicorn running" not in log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        time.sleep(6)
+    finally:
+        code = dev.kill(signal.SIGINT)
+    text = log.read_text(errors="replace")
+    assert code == 0, text
+    after_banner = text.split("bootstrap demo", 1)[1].splitlines()[1:]
+    assert len([line for line in after_banner if line.strip()]) <= 14, text
+    assert "SIGUSR1" not in text and "cron:sweep()" not in text
+    assert after_banner[-1] == "hatched-mirror dev stopped"
