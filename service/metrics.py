@@ -7,6 +7,7 @@ import os
 import time
 import weakref
 from importlib import metadata
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -210,8 +211,23 @@ class HttpMetrics:
                 _observe(scope, "500", time.perf_counter() - started)
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# labels() takes a lock and validates on every call; the children are cached here instead
+# (bounded: route templates, seven methods and "other", the status codes the app answers).
+_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+
 def _observe(scope: Scope, status: str, seconds: float) -> None:
     route = scope.get("route")
     template = getattr(route, "path", None) or scope.get(ROUTE_KEY) or "unmatched"
-    HTTP_REQUESTS.labels(method=scope["method"], route=template, status=status).inc()
-    HTTP_SECONDS.labels(route=template, status=status).observe(seconds)
+    method = scope["method"] if scope["method"] in _METHODS else "other"
+    key = (method, template, status)
+    children = _children.get(key)
+    if children is None:
+        children = (
+            HTTP_REQUESTS.labels(method=method, route=template, status=status),
+            HTTP_SECONDS.labels(route=template, status=status),
+        )
+        _children[key] = children
+    children[0].inc()
+    children[1].observe(seconds)
