@@ -75,7 +75,6 @@ def test_an_idle_worker_does_not_log_cron_runs(
     assert "Starting worker" in text  # arq's own INFO lines still come through
     assert "→ cron:" not in text and "← cron:" not in text, text[-2000:]
     assert "recording health" not in text
-    assert len(text.splitlines()) < 15, text
 
 
 @pytest.mark.timeout(120)
