@@ -5,16 +5,19 @@
 #   docker run IMAGE worker          -> hatched-mirror worker  (arq)
 #   docker run IMAGE migrate         -> hatched-mirror migrate (one-off, idempotent)
 #
-# Reproducible: dependencies come from requirements.lock (every pin ==), the build tools are
-# pinned below, and the package itself is installed with --no-deps. For bit-for-bit rebuilds
-# pin the base image too: --build-arg PYTHON_IMAGE=python:3.11-slim@sha256:<digest>.
+# Without a Docker daemon: `buildah bud --format docker -t hatched-mirror .` (the OCI format,
+# buildah's default, has no HEALTHCHECK and silently drops it).
+#
+# Reproducible: dependencies come from requirements.lock (every pin ==, every file hashed,
+# installed with --require-hashes), the build tool is pinned below, and the package is built
+# as a wheel and installed with --no-deps. For bit-for-bit rebuilds pin the base image too:
+# --build-arg PYTHON_IMAGE=python:3.11-slim@sha256:<digest>.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS builder
 
-ARG PIP_VERSION=26.3
 ARG SETUPTOOLS_VERSION=84.2.1
 
 ENV PIP_NO_CACHE_DIR=1 \
@@ -22,20 +25,23 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_NO_INPUT=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-RUN python -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
-
 # Dependencies first, in their own layer: it is rebuilt only when the lock changes.
 COPY requirements.lock /tmp/requirements.lock
-RUN pip install "pip==${PIP_VERSION}" "setuptools==${SETUPTOOLS_VERSION}" \
- && pip install --require-virtualenv -r /tmp/requirements.lock
+RUN python -m venv /opt/venv \
+ && /opt/venv/bin/pip install --require-virtualenv --require-hashes -r /tmp/requirements.lock
 
-# Then the package, without letting pip resolve anything else.
+# Then the package: a wheel (the migrations in sql/ are its package data `service.sql`), built
+# with a pinned setuptools in a venv of its own so no build tool reaches the runtime venv.
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY service ./service
-RUN pip install --no-deps --no-build-isolation . \
- && pip check
+COPY sql ./sql
+RUN python -m venv /opt/build \
+ && /opt/build/bin/pip install "setuptools==${SETUPTOOLS_VERSION}" \
+ && /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /dist . \
+ && /opt/venv/bin/pip install --require-virtualenv --no-deps /dist/hatched_mirror-*.whl \
+ && /opt/venv/bin/pip check \
+ && /opt/venv/bin/python -m pip uninstall --yes pip setuptools
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -44,20 +50,19 @@ LABEL org.opencontainers.image.title="hatched-mirror" \
       org.opencontainers.image.description="Webhook-driven mirror of Hatched buddies" \
       org.opencontainers.image.licenses="MIT"
 
-# The migrations are not package data: the wheel holds only service/, and service/store.py
-# would look for <site-packages>/sql. MIRROR_SQL_DIR points it at the copy below.
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    PATH=/opt/venv/bin:$PATH \
-    MIRROR_SQL_DIR=/app/sql
+    PATH=/opt/venv/bin:$PATH
 
-RUN groupadd --system --gid 10001 app \
+# No installer in the running image: the base image's pip, setuptools and wheel go too (the
+# slim image has no compilers to remove).
+RUN python -m pip uninstall --yes --disable-pip-version-check pip setuptools wheel \
+ && groupadd --system --gid 10001 app \
  && useradd --system --uid 10001 --gid 10001 --home-dir /app --no-create-home \
         --shell /usr/sbin/nologin app
 
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
-COPY sql/ /app/sql/
 
 # Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 import asyncpg
 import orjson
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -77,7 +76,8 @@ async def metrics_endpoint(request: Request) -> Response:
     except DATABASE_ERRORS as exc:
         log.warning("metrics_inbox_unavailable", error=repr(exc))
     metrics.STREAM_CLIENTS.set(state.broadcaster.clients)
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    body, media_type = metrics.render_latest()
+    return Response(body, media_type=media_type)
 
 
 async def _problem(request: Request, exc: Exception) -> Response:
@@ -232,6 +232,15 @@ def endpoints(settings: Settings) -> list[Endpoint]:
         ),
         Endpoint(
             "GET",
+            "/readyz/inbox",
+            readyz_inbox,
+            "Postgres reachable: deliveries are accepted (the serve readiness probe)",
+            "none",
+            {200: schemas.Health, 503: schemas.Health},
+            tag="operations",
+        ),
+        Endpoint(
+            "GET",
             "/metrics",
             metrics_endpoint,
             "Prometheus metrics",
@@ -345,7 +354,9 @@ def create_app(settings: Settings, *, demo: bool = False) -> Starlette:
     routes = [ep.route() for ep in table]
     if demo:
         routes.append(demo_page.demo_route())
-    middleware = [Middleware(RequestIdMiddleware)]
+    metrics.set_build_info()
+    # Outermost, so the time and status are those the client sees.
+    middleware = [Middleware(metrics.HttpMetrics), Middleware(RequestIdMiddleware)]
     if settings.cors_origins:
         middleware.append(
             Middleware(

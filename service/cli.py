@@ -4,8 +4,12 @@ send-test-event."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
+import shutil
+import signal
 import sys
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -61,6 +65,10 @@ def app_from_env() -> Any:
     return create_app(_settings("serve"))
 
 
+def _exit_requested(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 @main.command()
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
@@ -68,6 +76,18 @@ def app_from_env() -> Any:
 def serve(host: str, port: int, workers: int) -> None:
     """HTTP: receiver, read API, operations endpoints."""
     _settings("serve")  # refuse to start half-configured, before forking anything
+    # uvicorn re-raises the SIGTERM/SIGINT it shut down on, once it has (as `dev` notes); with
+    # the default handlers the process would then die of the signal (exit 143), which
+    # supervisors read as a crash. A stop that was asked for ends with status 0 instead.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_requested)
+    if workers > 1:
+        # Each process would count on its own and a scrape would see one of them at random:
+        # prometheus_client's multiprocess mode shares the values through files in this
+        # folder, and /metrics sums them (service/metrics.py, render_latest).
+        folder = tempfile.mkdtemp(prefix="hatched-mirror-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
     uvicorn.run(
         "service.cli:app_from_env",
         factory=True,
@@ -235,6 +255,23 @@ async def _forget(settings: Settings, user_ids: list[str]) -> str | None:
             f"forgot user {user_id!r}: {erased.buddies} buddies; removed {removed}; {redis_part}"
         )
     return None
+
+
+@main.command()
+@click.option("--url", default=None, help="a running serve: POST it a signed test delivery")
+def doctor(url: str | None) -> None:
+    """Check the installation and say what to fix; exit status 1 when anything fails."""
+    from service.doctor import Check, render, run_checks
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        click.echo(render([Check("configuration", False, str(exc), "fix the setting named")]))
+        sys.exit(1)
+    checks = asyncio.run(run_checks(settings, url))
+    click.echo(render(checks))
+    if not all(check.ok for check in checks):
+        sys.exit(1)
 
 
 @main.command("send-test-event")

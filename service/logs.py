@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import sys
+import time
 from typing import Any
 
 import orjson
@@ -53,6 +54,58 @@ def configure(fmt: str = "json", level: int = logging.INFO) -> None:
     root.setLevel(level)
     # One line per outgoing REST call is noise; the hatched_api_requests_total metric counts them.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    arq_worker = logging.getLogger("arq.worker")
+    if not any(isinstance(f, _ArqChatter) for f in arq_worker.filters):
+        arq_worker.addFilter(_ArqChatter())
+
+
+# arq's "  0.01s → cron:sweep()" and "  0.02s ← cron:sweep ● 0" lines, its health record, and
+# the "shutdown on SIGUSR1" it writes when stopped in-process with no signal at all (`dev`).
+_ARQ_CHATTER = re.compile(r"\s*-?[\d.]+s [→←] cron:|recording health|shutdown on SIGUSR1")
+
+
+class _ArqChatter(logging.Filter):
+    """arq logs every cron run twice (start and end) and each health record at INFO: at idle
+    that is most of a worker's output. Those lines become DEBUG (kept only at DEBUG level);
+    the jobs that apply deliveries, retries and shutdown summaries stay at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO:
+            return True
+        if not _ARQ_CHATTER.match(record.getMessage()):
+            return True
+        if not logging.getLogger().isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+# A flood of forged or misconfigured deliveries must not fill the disk: per refusal code, at
+# most this many lines per window; the next line says how many were left out.
+REFUSED_LINES_PER_WINDOW = 5
+REFUSED_WINDOW_S = 10.0
+_refused: dict[str, list[float]] = {}  # code -> [window start, lines in it, suppressed]
+
+_log = structlog.get_logger("service.ingest.receiver")
+
+
+def signature_refused(code: str, now: float | None = None) -> bool:
+    """One warning line for a refused signature (its code; never a secret or a signature),
+    rate-limited. True when a line was written."""
+    now = time.monotonic() if now is None else now
+    window = _refused.setdefault(code, [now, 0, 0])
+    if now - window[0] >= REFUSED_WINDOW_S:
+        window[0], window[1] = now, 0
+    if window[1] >= REFUSED_LINES_PER_WINDOW:
+        window[2] += 1
+        return False
+    window[1] += 1
+    suppressed, window[2] = int(window[2]), 0
+    if suppressed:
+        _log.warning("signature_refused", code=code, suppressed=suppressed)
+    else:
+        _log.warning("signature_refused", code=code)
+    return True
 
 
 _QUERY_TOKEN = re.compile(r"(access_token=)[^&\s\"']*")

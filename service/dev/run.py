@@ -75,3 +75,4 @@ def run_dev(settings: Settings, host: str, port: int) -> None:
             await stop(worker, worker_task)
 
     asyncio.run(run())
+    click.echo("hatched-mirror dev stopped")

@@ -9,7 +9,7 @@ import structlog
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service import metrics, store
+from service import logs, metrics, store
 from service.ingest.events import parse_delivery
 from service.ingest.signatures import SignatureError, verify
 from service.ingest.wakeups import shard_of
@@ -55,7 +55,9 @@ async def receive(request: Request) -> Response:
         )
     except SignatureError as exc:
         metrics.SIGNATURE_FAILURES.labels(code=exc.code).inc()
+        logs.signature_refused(exc.code)
         raise Problem(401, exc.code, "Signature rejected", str(exc)) from None
+    metrics.SECRET_MATCHES.labels(index=str(verified.secret_index)).inc()
 
     signed_at = datetime.fromtimestamp(verified.timestamp, UTC)
     parsed = parse_delivery(body, request.headers, verified.format, signed_at)

@@ -36,6 +36,9 @@ class SignatureError(Exception):
 class Verified:
     format: SignatureFormat
     timestamp: int
+    # Position in HATCHED_WEBHOOK_SECRETS of the secret that matched (never the secret): during
+    # a rotation the metric of it shows when the old one stops being used.
+    secret_index: int = 0
 
 
 def sign(body: bytes, secret: str, timestamp: int) -> str:
@@ -77,16 +80,16 @@ def verify(
         fmt = "v1"
         timestamp, candidates = _parse_v1(v1_signature)
 
-    matched = False
-    for secret in secrets:
+    matched: int | None = None
+    for index, secret in enumerate(secrets):
         # An empty secret is a configuration slip; HMAC with an empty key is forgeable by anyone.
         if not secret:
             continue
         expected = sign(body, secret, timestamp)
         for candidate in candidates:
-            if hmac.compare_digest(expected, candidate):
-                matched = True
-    if not matched:
+            if hmac.compare_digest(expected, candidate) and matched is None:
+                matched = index
+    if matched is None:
         raise SignatureError("invalid_signature", "signature does not match any configured secret")
 
     # Signature first: an attacker must not learn anything about the window from a forged request.
@@ -95,7 +98,7 @@ def verify(
             "stale_timestamp",
             f"timestamp {timestamp} is more than {tolerance_s}s away from now ({int(now)})",
         )
-    return Verified(format=fmt, timestamp=timestamp)
+    return Verified(format=fmt, timestamp=timestamp, secret_index=matched)
 
 
 def _parse_timestamp(raw: str | None) -> int:

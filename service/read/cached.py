@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service import metrics
 from service.auth.bearer import authorized, principal_of
 from service.problems import no_such_buddy
 from service.read.cache import Owner
@@ -38,6 +39,7 @@ class CachedBuddyReads:
                 state: AppState = scope["app"].state.mirror
                 cache = state.broadcaster.cache
                 hit = cache.lookup(buddy_id) if state.broadcaster.connected.is_set() else None
+                scope[metrics.ROUTE_KEY] = "/v1/buddies/{buddy_id}"
                 if hit is not None and await _send_cached(
                     scope, receive, send, state, buddy_id, hit
                 ):

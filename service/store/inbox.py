@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
 import asyncpg
 import orjson
@@ -278,12 +278,18 @@ async def stalled_shards(conn: Executor, older_than_s: float) -> list[int]:
 
 # The oldest pending delivery is the one with the lowest seq (receipt order).
 INBOX_STATS = """
-SELECT s.pending, s.dead,
+SELECT s.pending, s.backoff, s.dead,
        coalesce(extract(epoch FROM now() - (SELECT received_at FROM deliveries
-                                            WHERE seq = s.oldest)), 0)::float8 AS lag_s
+                                            WHERE seq = s.oldest)), 0)::float8 AS lag_s,
+       coalesce(extract(epoch FROM now() - (SELECT received_at FROM deliveries
+                                            WHERE seq = s.oldest_ready)), 0)::float8 AS ready_lag_s
 FROM (
     SELECT count(*) FILTER (WHERE status = 'accepted') AS pending,
+           count(*) FILTER (WHERE status = 'accepted' AND next_attempt_at > now()) AS backoff,
            min(seq) FILTER (WHERE status = 'accepted') AS oldest,
+           min(seq) FILTER (WHERE status = 'accepted'
+                            AND (next_attempt_at IS NULL OR next_attempt_at <= now()))
+               AS oldest_ready,
            count(*) FILTER (WHERE status = 'dead') AS dead
     FROM delivery_states
     WHERE status IN ('accepted', 'dead')
@@ -291,11 +297,26 @@ FROM (
 """
 
 
-async def inbox_stats(conn: Executor) -> tuple[int, float, int]:
-    """(pending deliveries, age of the oldest pending in seconds, dead deliveries)."""
+class InboxBacklog(NamedTuple):
+    pending: int  # accepted, not yet applied (those in backoff included)
+    backoff: int  # of those, waiting out a retry backoff after a failed attempt
+    lag_s: float  # age of the oldest pending delivery
+    ready_lag_s: float  # age of the oldest pending delivery a worker may take now
+    dead: int
+
+
+async def inbox_backlog(conn: Executor) -> InboxBacklog:
     row = await conn.fetchrow(INBOX_STATS)
     assert row is not None
-    return row["pending"], row["lag_s"], row["dead"]
+    return InboxBacklog(
+        row["pending"], row["backoff"], row["lag_s"], row["ready_lag_s"], row["dead"]
+    )
+
+
+async def inbox_stats(conn: Executor) -> tuple[int, float, int]:
+    """(pending deliveries, age of the oldest pending in seconds, dead deliveries)."""
+    backlog = await inbox_backlog(conn)
+    return backlog.pending, backlog.lag_s, backlog.dead
 
 
 PRUNE_APPLIED = """

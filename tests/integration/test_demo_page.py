@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from service import store
@@ -32,6 +31,7 @@ from tests.support.bootstrap import configured, deliver_outbox
 from tests.support.config import SECRET
 from tests.support.fake_hatched import FakeHatched, serve_fake
 from tests.support.running import running_worker, serving
+from tests.support.tools import missing
 
 USER_TOKEN_KEY = "demo-page-test-user-token-key-" + "d" * 34
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
@@ -175,7 +175,7 @@ async def test_demo_page_bootstraps_and_mounts_the_widget(
 ) -> None:
     binary = chromium_binary()
     if binary is None:
-        pytest.skip("no Chromium found (install chromium or set CHROMIUM_BIN)")
+        missing("no Chromium found (install chromium or set CHROMIUM_BIN)")  # fails in CI
     fake = FakeHatched(hatch_delay_s=1.0)  # long enough for the page to show "hatching"
     async with serve_fake(fake) as fake_url:
         boot_settings = await configured(migrated, redis_url, pool, fake_url)

@@ -1,8 +1,9 @@
 """The deployment files: Dockerfile, requirements.lock, deploy/compose.yaml, deploy/k8s/.
 
 Nothing here needs Docker or a cluster. The manifests are parsed and the fields that matter are
-checked; with `kubernetes-validate` installed they are also validated against the Kubernetes
-schemas it bundles, and with `kubectl` on PATH the kustomizations are rendered and checked too.
+checked, validated against the Kubernetes schemas kubernetes-validate bundles, and the
+kustomizations rendered with kubectl. That they work is checked by running them:
+tests/integration/test_manifest_probes.py (every probe against a real serve and worker).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import importlib
 import re
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
@@ -28,6 +28,7 @@ from packaging.utils import canonicalize_name
 from service import metrics
 from service.apply import worker as worker_module
 from service.config import Settings
+from tests.support.tools import require_tool
 
 # PyYAML comes with uvicorn[standard]; imported this way so mypy needs no types-PyYAML stubs.
 yaml: Any = importlib.import_module("yaml")
@@ -126,9 +127,7 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 
 def kubectl_kustomize(folder: Path) -> list[Doc]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl not on PATH: kustomize rendering not checked")
+    kubectl = require_tool("kubectl")
     result = subprocess.run(
         [kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60
     )
@@ -180,12 +179,18 @@ def schema_checked_docs() -> Iterator[tuple[str, Doc]]:
                 yield f"overlay {doc['kind']}/{doc['metadata']['name']}", doc
 
 
+def is_custom_resource(doc: Doc) -> bool:
+    """keda.sh, monitoring.coreos.com ...: no schema in kubernetes-validate."""
+    group = str(doc["apiVersion"]).rpartition("/")[0]
+    return "." in group and not group.endswith(".k8s.io")
+
+
 def test_manifests_validate_against_kubernetes_schemas() -> None:
-    kv: Any = pytest.importorskip("kubernetes_validate")
+    kv: Any = importlib.import_module("kubernetes_validate")
     checked = 0
     for label, doc in schema_checked_docs():
-        if doc["apiVersion"].startswith("keda.sh/"):
-            continue  # a CRD: no bundled schema; checked by hand below
+        if is_custom_resource(doc):
+            continue  # no bundled schema (KEDA): checked by hand below
         try:
             kv.validate(doc, K8S_VERSION, strict=True)
         except kv.ValidationError as exc:
@@ -267,10 +272,9 @@ def test_migrate_job_runs_once_and_cleans_up() -> None:
 def test_serve_probes_and_termination() -> None:
     serve = find(base_docs(), "Deployment", SERVE)
     container = main_container(serve)
+    # That each probe answers is checked against a running serve in
+    # tests/integration/test_manifest_probes.py; here only the timing.
     assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in container["ports"]
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz/inbox", "port": "http"}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     grace = pod_spec(serve)["terminationGracePeriodSeconds"]
@@ -429,15 +433,17 @@ def test_keda_scales_workers_on_backlog() -> None:
     assert (target["kind"], target["name"]) == ("Deployment", WORKER)
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
     assert set(spec["fallback"]) == {"failureThreshold", "replicas"}
+    # Backlog a worker may take now: deliveries in retry backoff are left out.
     gauges = {
         family.name
-        for gauge in (metrics.INBOX_PENDING, metrics.INBOX_LAG)
+        for gauge in (metrics.INBOX_PENDING, metrics.INBOX_BACKOFF, metrics.INBOX_READY_LAG)
         for family in gauge.describe()
     }
     queried: set[str] = set()
     for trigger in spec["triggers"]:
         assert trigger["type"] == "prometheus"
-        assert trigger["metricType"] in ("AverageValue", "Value")
+        # KEDA's fallback only works with (and 2.14-2.16 only admit) AverageValue triggers.
+        assert trigger["metricType"] == "AverageValue"
         meta = trigger["metadata"]
         assert meta["serverAddress"].startswith("http")
         float(meta["threshold"])  # KEDA wants a string holding a number
@@ -611,14 +617,46 @@ def test_rendered_overlay() -> None:
     }
     assert {("Job", MIGRATE), ("ConfigMap", CONFIGMAP)} <= first
     assert not {("Deployment", SERVE), ("Deployment", WORKER)} & first
-    kv: Any
-    try:
-        kv = importlib.import_module("kubernetes_validate")
-    except ImportError:
-        return
+    kv: Any = importlib.import_module("kubernetes_validate")
     for doc in rendered:
-        if not doc["apiVersion"].startswith("keda.sh/"):
+        if not is_custom_resource(doc):
             kv.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_overlay_network_ports_follow_its_patches() -> None:
+    """The overlay sets the Postgres and Redis egress ports; the rendered policy has them, and
+    the worker's metrics ingress matches the rendered MIRROR_WORKER_METRICS_PORT."""
+    rendered = kubectl_kustomize(OVERLAY)
+    default = find(rendered, "NetworkPolicy", "hatched-mirror-default")
+    patch = next(
+        p
+        for p in kustomization(OVERLAY)["patches"]
+        if p.get("target", {}).get("kind") == "NetworkPolicy"
+    )
+    for op in yaml.safe_load(patch["patch"]):
+        rule = int(op["path"].split("/")[3])
+        assert default["spec"]["egress"][rule]["ports"][0]["port"] == op["value"]
+    port = int(find(rendered, "ConfigMap", CONFIGMAP)["data"]["MIRROR_WORKER_METRICS_PORT"])
+    metrics_policy = find(rendered, "NetworkPolicy", "hatched-mirror-worker-metrics")
+    assert metrics_policy["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": port}]
+
+
+def sync_wave(doc: Doc) -> int:
+    return int(doc["metadata"].get("annotations", {}).get("argocd.argoproj.io/sync-wave", "0"))
+
+
+def test_argo_cd_runs_migrate_after_its_configuration_and_before_the_pods() -> None:
+    rendered = kubectl_kustomize(OVERLAY)
+    job = find(rendered, "Job", MIGRATE)
+    annotations = job["metadata"]["annotations"]
+    # A Sync hook honours waves; a PreSync hook would run before the ConfigMap exists.
+    assert annotations["argocd.argoproj.io/hook"] == "Sync"
+    assert annotations["argocd.argoproj.io/hook-delete-policy"] == "BeforeHookCreation"
+    needs = [find(rendered, "ConfigMap", CONFIGMAP), find(rendered, "ServiceAccount", IMAGE)]
+    needs.append(find(base_docs(), "Secret", SECRET))  # created out of band by the overlay
+    assert all(sync_wave(doc) < sync_wave(job) for doc in needs)
+    for name in (SERVE, WORKER):
+        assert sync_wave(job) < sync_wave(find(rendered, "Deployment", name))
 
 
 # --- compose --------------------------------------------------------------------------------------
@@ -653,7 +691,7 @@ def test_compose() -> None:
         assert service["healthcheck"]["test"][0] == "CMD", name
         assert service["build"]["context"] == ".."
         assert (DEPLOY / service["build"]["context"] / service["build"]["dockerfile"]).exists()
-    assert services["serve"]["ports"] == ["8000:8000"]
+    assert services["serve"]["ports"] == ["127.0.0.1:8000:8000"], "loopback only"
     assert seconds(services["serve"]["stop_grace_period"]) > SERVE_GRACEFUL_S
     assert seconds(services["worker"]["stop_grace_period"]) > WORKER_JOB_WAIT_S
 
@@ -667,10 +705,12 @@ def test_compose_environment() -> None:
         assert {"DATABASE_URL", "REDIS_URL"} <= set(env)
     env = services["serve"]["environment"]
     # Secrets come from the caller's environment; the fallbacks say they are for this stack only.
-    for key in ("HATCHED_WEBHOOK_SECRETS", "MIRROR_API_TOKENS", "MIRROR_ADMIN_TOKENS"):
+    for key in ("HATCHED_WEBHOOK_SECRETS", "MIRROR_API_TOKENS"):
         match = re.fullmatch(r"\$\{" + key + r":-(.*)\}", env[key])
         assert match, key
         assert re.search(r"dev.only", match.group(1)), key
+    # No well-known admin token: the admin API is off unless the caller sets one.
+    assert env["MIRROR_ADMIN_TOKENS"] == "${MIRROR_ADMIN_TOKENS:-}"
 
 
 # --- Dockerfile, .dockerignore, requirements.lock -------------------------------------------------
@@ -743,22 +783,46 @@ def test_dockerfile_is_multi_stage_slim_and_non_root() -> None:
     assert any(i == "COPY" and a.startswith("--from=builder") for i, a in final)
 
 
-def test_dockerfile_installs_from_the_lock() -> None:
+def test_dockerfile_installs_from_the_lock_with_hashes() -> None:
     builder = stages()[0]
     runs = " ".join(a for i, a in builder if i == "RUN")
-    assert "-r /tmp/requirements.lock" in runs
-    assert re.search(r"pip install --no-deps\b[^&]* \.", runs)
+    assert re.search(r"pip install [^&]*--require-hashes -r /tmp/requirements.lock", runs)
+    # The package itself: the wheel, without letting pip resolve anything else.
+    assert re.search(r"pip install [^&]*--no-deps /dist/hatched_mirror-\S*\.whl", runs)
     copies = [a for i, a in builder if i == "COPY"]
     assert any(a.startswith("requirements.lock ") for a in copies)
 
 
-def test_image_finds_the_migrations() -> None:
-    """The wheel holds only service/; store.py reads MIRROR_SQL_DIR, which must hold sql/."""
+def test_image_needs_no_sql_dir() -> None:
+    """The migrations ship inside the wheel (package data `service.sql`); the image installs
+    the wheel and sets no MIRROR_SQL_DIR. That the wheel really carries them and migrates from
+    a fresh venv: tests/integration/test_wheel.py."""
     final = stages()[-1]
-    sql_dir = env_of(final)["MIRROR_SQL_DIR"]
-    copies = [a.split() for i, a in final if i == "COPY" and not a.startswith("--")]
-    assert any(src.rstrip("/") == "sql" and dst.rstrip("/") == sql_dir for src, dst in copies)
+    assert "MIRROR_SQL_DIR" not in env_of(final)
+    assert not [a for i, a in final if i == "COPY" and not a.startswith("--from=")]
+    builder_copies = [a.split() for i, a in stages()[0] if i == "COPY"]
+    assert ["sql", "./sql"] in builder_copies
     assert list((ROOT / "sql").glob("[0-9][0-9][0-9][0-9]_*.sql"))
+
+
+def test_runtime_stage_drops_the_installers() -> None:
+    final = stages()[-1]
+    runs = " ".join(a for i, a in final if i == "RUN")
+    assert re.search(r"pip uninstall --yes [^&]*pip setuptools", runs)
+    builder_runs = " ".join(a for i, a in stages()[0] if i == "RUN")
+    # The runtime venv, copied whole, loses its own pip and setuptools in the builder.
+    assert re.search(r"/opt/venv/bin/python -m pip uninstall --yes pip setuptools", builder_runs)
+
+
+def test_hadolint_passes() -> None:
+    hadolint = require_tool("hadolint")
+    result = subprocess.run(
+        [hadolint, "--no-color", str(ROOT / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_healthcheck_commands_compile() -> None:
@@ -787,14 +851,23 @@ def test_dockerignore_keeps_what_the_dockerfile_copies() -> None:
                     assert (ROOT / src).exists(), src
 
 
+def lock_requirements() -> list[str]:
+    """The lock's requirement lines, continuations joined, comments dropped."""
+    text = (ROOT / "requirements.lock").read_text(encoding="utf-8")
+    lines = [raw.split("#", 1)[0].rstrip() for raw in text.splitlines()]
+    joined = "\n".join(line for line in lines if line.strip()).replace("\\\n", " ")
+    return [line.strip() for line in joined.splitlines()]
+
+
 def lock_pins() -> dict[str, str]:
     pins: dict[str, str] = {}
-    for raw in (ROOT / "requirements.lock").read_text(encoding="utf-8").splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        name, sep, version = line.partition("==")
-        assert sep and version and re.fullmatch(r"[A-Za-z0-9._-]+", name), f"not pinned: {raw}"
+    for line in lock_requirements():
+        spec, *options = line.split(" --hash=")
+        name, sep, version = spec.strip().partition("==")
+        assert sep and version and re.fullmatch(r"[A-Za-z0-9._-]+", name), f"not pinned: {line}"
+        # --require-hashes: every pin carries the sha256 of each file pip may pick.
+        assert options, f"{name} has no --hash"
+        assert all(re.fullmatch(r"sha256:[0-9a-f]{64}", o.strip()) for o in options), name
         pins[canonicalize_name(name)] = version
     return pins
 
