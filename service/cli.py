@@ -21,8 +21,8 @@ from service import logs, store
 from service.config import ConfigError, Settings, load_settings, require
 
 DEV_SECRET = "whsec_dev_local_secret"
-DEV_API_TOKEN = "dev-api-token"
-DEV_ADMIN_TOKEN = "dev-admin-token"
+DEV_API_TOKEN = "dev-api-token-local"
+DEV_ADMIN_TOKEN = "dev-admin-token-local"
 
 
 def _settings(command: str, **overrides: Any) -> Settings:

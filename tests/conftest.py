@@ -20,7 +20,7 @@ from tests import services
 
 SECRET = "whsec_test_fixture_secret"
 SECOND_SECRET = "whsec_second_during_rotation"
-API_TOKEN = "test-api-token"
+API_TOKEN = "test-api-token-0001"
 ADMIN_TOKEN = "test-admin-token"
 # Fixtures were signed at this time; tests that replay them as recorded pin `now` to it.
 FIXTURE_TIME = 1776853800
@@ -64,7 +64,8 @@ async def pool(migrated: str) -> AsyncIterator[store.Pool]:
 async def db(pool: store.Pool) -> store.Pool:
     """A clean mirror for each test."""
     await pool.execute(
-        "TRUNCATE deliveries, delivery_states, buddies, ledger, backfill_checkpoints, bootstraps"
+        "TRUNCATE deliveries, delivery_states, delivery_signatures, buddies, ledger,"
+        " backfill_checkpoints, bootstraps"
         " RESTART IDENTITY"
     )
     return pool

@@ -93,7 +93,7 @@ def audience_param(value: Any, name: str = "audience") -> str | None:
 
 
 async def json_body(request: Request) -> dict[str, Any]:
-    raw = await read_body(request, MAX_BODY)
+    raw = await read_body(request, MAX_BODY, request.app.state.mirror.settings.body_timeout_s)
     if not raw.strip():
         return {}
     try:

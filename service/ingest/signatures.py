@@ -18,6 +18,18 @@ ErrorCode = Literal["missing_signature", "invalid_signature", "stale_timestamp"]
 V2_SIGNATURE = "x-hatched-signature"
 V2_TIMESTAMP = "x-hatched-timestamp"
 V1_SIGNATURE = "hatched-signature"
+# Every header whose value decides what is stored or applied. Two copies of one (or both
+# signature schemes at once) could be read two ways (a proxy, Starlette's `.get` and a dict
+# built from the headers each pick another copy), so such a request is refused as ambiguous.
+SIGNIFICANT_HEADERS = (
+    V2_SIGNATURE,
+    V2_TIMESTAMP,
+    V1_SIGNATURE,
+    "x-hatched-delivery",
+    "x-hatched-event",
+    "hatched-delivery-id",
+    "hatched-event-type",
+)
 
 # ASCII-only on purpose: `\d` would let non-ASCII digits through, which `int()` happily accepts.
 _TIMESTAMP_RE = re.compile(r"[0-9]{1,12}")
@@ -36,6 +48,29 @@ class SignatureError(Exception):
 class Verified:
     format: SignatureFormat
     timestamp: int
+    digest: str  # the lower-case hex HMAC that matched
+
+    def replay_key(self) -> bytes:
+        """What identifies this signed attempt whatever its unsigned headers say; the same in
+        both formats, which sign the same message."""
+        return hashlib.sha256(f"{self.timestamp}.{self.digest}".encode("ascii")).digest()
+
+
+def ambiguous_header(raw_headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """The name of a significant header sent more than once (or of the second signature
+    scheme), or None. `raw_headers` is the ASGI list, names in lower case."""
+    seen: set[bytes] = set()
+    for name, _ in raw_headers:
+        if name in _SIGNIFICANT_BYTES:
+            if name in seen:
+                return name.decode("latin-1")
+            seen.add(name)
+    if V2_SIGNATURE.encode() in seen and V1_SIGNATURE.encode() in seen:
+        return V1_SIGNATURE
+    return None
+
+
+_SIGNIFICANT_BYTES = frozenset(name.encode("latin-1") for name in SIGNIFICANT_HEADERS)
 
 
 def sign(body: bytes, secret: str, timestamp: int) -> str:
@@ -77,7 +112,7 @@ def verify(
         fmt = "v1"
         timestamp, candidates = _parse_v1(v1_signature)
 
-    matched = False
+    matched: str | None = None
     for secret in secrets:
         # An empty secret is a configuration slip; HMAC with an empty key is forgeable by anyone.
         if not secret:
@@ -85,8 +120,8 @@ def verify(
         expected = sign(body, secret, timestamp)
         for candidate in candidates:
             if hmac.compare_digest(expected, candidate):
-                matched = True
-    if not matched:
+                matched = expected
+    if matched is None:
         raise SignatureError("invalid_signature", "signature does not match any configured secret")
 
     # Signature first: an attacker must not learn anything about the window from a forged request.
@@ -95,7 +130,7 @@ def verify(
             "stale_timestamp",
             f"timestamp {timestamp} is more than {tolerance_s}s away from now ({int(now)})",
         )
-    return Verified(format=fmt, timestamp=timestamp)
+    return Verified(format=fmt, timestamp=timestamp, digest=matched)
 
 
 def _parse_timestamp(raw: str | None) -> int:

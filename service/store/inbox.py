@@ -32,6 +32,8 @@ class NewDelivery:
     body: bytes
     status: str
     reason: str | None
+    # sha256 of the webhook's "{timestamp}.{hmac}" (None for REST snapshots): the replay key.
+    signature: bytes | None = None
 
     def row(self) -> tuple[object, ...]:
         """Its columns in INSERT_DELIVERIES's order, the headers as JSON text."""
@@ -48,6 +50,7 @@ class NewDelivery:
             self.body,
             self.status,
             self.reason,
+            self.signature,
         )
 
 
@@ -58,16 +61,24 @@ async def insert_delivery(conn: Executor, d: NewDelivery) -> int | None:
 
 # The raw delivery and its state row in one statement: both or neither. Only rows that were
 # new (not an ON CONFLICT skip) get a state row, joined back by their delivery id, which the
-# caller made unique within the batch.
+# caller made unique within the batch. A row whose signature is already stored (a replay, see
+# sql/0013) is skipped like a known delivery id; the caller made signatures unique too.
 INSERT_DELIVERIES = """
 WITH x AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
                          $7::timestamptz[], $8::timestamptz[], $9::text[], $10::bytea[],
-                         $11::text[], $12::text[]) AS x(d, f, t, e, b, s, o, sa, h, body, st, r)
+                         $11::text[], $12::text[], $13::bytea[])
+                  AS x(d, f, t, e, b, s, o, sa, h, body, st, r, sig)
+), sigs AS (
+    INSERT INTO delivery_signatures (signature, signed_at)
+    SELECT sig, sa FROM x WHERE sig IS NOT NULL
+    ON CONFLICT (signature) DO NOTHING
+    RETURNING signature
 ), stored AS (
     INSERT INTO deliveries (delivery_id, format, event_type, event_id, buddy_id, shard,
                             occurred_at, signed_at, headers, body)
     SELECT d, f, t, e, b, s, o, sa, h::jsonb, body FROM x
+    WHERE x.sig IS NULL OR x.sig IN (SELECT signature FROM sigs)
     ON CONFLICT (delivery_id) DO NOTHING
     RETURNING delivery_id, seq, shard, event_id
 ), states AS (
@@ -82,12 +93,18 @@ SELECT delivery_id, seq FROM stored
 
 async def insert_deliveries(conn: Executor, batch: Sequence[NewDelivery]) -> list[int | None]:
     """Store many deliveries in one statement; for each, its seq or None if already stored
-    (a delivery id repeated inside the batch counts as stored by its first occurrence)."""
+    (a delivery id or signature repeated inside the batch counts as stored by its first
+    occurrence)."""
     first: dict[str, NewDelivery] = {}
+    signatures: set[bytes] = set()
     for d in batch:
-        first.setdefault(d.delivery_id, d)
+        if d.delivery_id in first or (d.signature is not None and d.signature in signatures):
+            continue
+        first[d.delivery_id] = d
+        if d.signature is not None:
+            signatures.add(d.signature)
     rows = list(first.values())
-    columns: list[list[object]] = [[] for _ in range(12)]
+    columns: list[list[object]] = [[] for _ in range(13)]
     for d in rows:
         values = d.row()
         for column, value in zip(columns, values, strict=True):
@@ -95,8 +112,21 @@ async def insert_deliveries(conn: Executor, batch: Sequence[NewDelivery]) -> lis
     stored = {r["delivery_id"]: r["seq"] for r in await conn.fetch(INSERT_DELIVERIES, *columns)}
     out: list[int | None] = []
     for d in batch:
-        out.append(stored.pop(d.delivery_id, None))
+        seq = stored.pop(d.delivery_id, None) if first.get(d.delivery_id) is d else None
+        out.append(seq)
     return out
+
+
+PRUNE_SIGNATURES = """
+DELETE FROM delivery_signatures WHERE signed_at < now() - make_interval(secs => $1)
+"""
+
+
+async def prune_signatures(conn: Executor, older_than_s: float) -> int:
+    """Forget signatures that can no longer pass the timestamp check (they are refused as
+    stale before any lookup)."""
+    result = await conn.execute(PRUNE_SIGNATURES, older_than_s)
+    return int(result.split()[-1])
 
 
 # A delivery the worker may apply now: pending, and not backing off after a failed attempt.
