@@ -320,7 +320,7 @@ def create_app(settings: Settings, *, demo: bool = False) -> Starlette:
         )
     # Innermost, so CORS and the request id still apply to what it answers.
     middleware.append(Middleware(CachedBuddyReads))
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
@@ -330,3 +330,7 @@ def create_app(settings: Settings, *, demo: bool = False) -> Starlette:
             Exception: _unexpected,
         },
     )
+    # No redirects: Starlette's answer to `/v1/buddies/` would be a 307 to an absolute URL built
+    # from the request's Host header. A path that is not a route is a 404 problem instead.
+    app.router.redirect_slashes = False
+    return app
