@@ -19,6 +19,7 @@ from prometheus_client import start_http_server
 
 from service import logs, store
 from service.config import ConfigError, Settings, load_settings, require
+from service.server import BoundedH11Protocol
 
 DEV_SECRET = "whsec_dev_local_secret"
 DEV_API_TOKEN = "dev-api-token-local"
@@ -78,7 +79,7 @@ def app_from_env() -> Any:
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64))
 def serve(host: str, port: int, workers: int) -> None:
     """HTTP: receiver, read API, operations endpoints."""
-    _settings("serve")  # refuse to start half-configured, before forking anything
+    settings = _settings("serve")  # refuse to start half-configured, before forking anything
     uvicorn.run(
         "service.cli:app_from_env",
         factory=True,
@@ -88,7 +89,14 @@ def serve(host: str, port: int, workers: int) -> None:
         log_config=None,
         access_log=False,
         proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         timeout_graceful_shutdown=20,
+        # The service's own limits (service/server.py): h11, because httptools cannot bound
+        # the size of a request head.
+        http=BoundedH11Protocol,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        timeout_keep_alive=settings.keepalive_timeout_s,
+        limit_concurrency=settings.max_connections,
     )
 
 

@@ -70,10 +70,9 @@ class Settings(BaseSettings):
         default=65_536, ge=4096, le=16_777_216, alias="MIRROR_MAX_HEADER_BYTES"
     )
     body_timeout_s: float = Field(default=10.0, gt=0, le=300, alias="MIRROR_BODY_TIMEOUT_S")
-    keepalive_timeout_s: float = Field(
-        default=5.0, gt=0, le=600, alias="MIRROR_KEEPALIVE_TIMEOUT_S"
-    )
+    keepalive_timeout_s: int = Field(default=5, ge=1, le=600, alias="MIRROR_KEEPALIVE_TIMEOUT_S")
     max_connections: int = Field(default=2048, ge=1, alias="MIRROR_MAX_CONNECTIONS")
+    forwarded_allow_ips: str = Field(default="127.0.0.1", alias="MIRROR_FORWARDED_ALLOW_IPS")
 
     @field_validator("webhook_secrets", "api_tokens", "admin_tokens", "cors_origins", mode="before")
     @classmethod
