@@ -19,7 +19,7 @@ from prometheus_client import start_http_server
 
 from service import logs, store
 from service.config import ConfigError, Settings, load_settings, require
-from service.server import BoundedH11Protocol
+from service.server import BoundedHttpToolsProtocol
 
 DEV_SECRET = "whsec_dev_local_secret"
 DEV_API_TOKEN = "dev-api-token-local"
@@ -91,9 +91,8 @@ def serve(host: str, port: int, workers: int) -> None:
         proxy_headers=True,
         forwarded_allow_ips=settings.forwarded_allow_ips,
         timeout_graceful_shutdown=20,
-        # The service's own limits (service/server.py): h11, because httptools cannot bound
-        # the size of a request head.
-        http=BoundedH11Protocol,
+        # The service's own limits (service/server.py); uvicorn names the head size after h11.
+        http=BoundedHttpToolsProtocol,
         h11_max_incomplete_event_size=settings.max_header_bytes,
         timeout_keep_alive=settings.keepalive_timeout_s,
         limit_concurrency=settings.max_connections,

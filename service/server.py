@@ -1,19 +1,24 @@
-"""The HTTP server's own limits: uvicorn's h11 protocol, bounded the way a bare `serve` needs.
+"""The HTTP server's own limits: uvicorn's httptools protocol, bounded the way a bare `serve`
+needs.
 
 `serve` may be exposed without a proxy in front, so the service bounds what uvicorn leaves
-open. uvicorn's default parser (httptools) accepts a request head of any size (a 64 MB header
-took 5.7 s and hundreds of MB of memory); h11 refuses one over `max_incomplete_event_size`,
-which is the whole head (request line and every header). On top of h11 this protocol:
+open. httptools (uvicorn's fast parser) buffers a header until it is complete, however long,
+and has no limit of its own (a 64 MB header took 5.7 s and hundreds of MB). uvicorn's h11
+parser has one, but measured on the receiver benchmark it cost a third or more of the
+throughput. So this protocol keeps httptools and measures the request head itself:
 
-- answers an over-long head with `431` (h11's own status hint; uvicorn would say 400), as a
-  problem+json like every other error;
-- gives every connection `timeout_keep_alive` seconds to deliver a complete request head,
-  from when it opens and again after each response: uvicorn arms its keep-alive timer only
-  after a response and disarms it at the first byte, so a connection that sends nothing, or a
-  header a byte at a time, would stay open for good.
+- a head (request line and headers, up to its blank line) must end within
+  `h11_max_incomplete_event_size` bytes (MIRROR_MAX_HEADER_BYTES) of where it began, else
+  `431` as problem+json, and the connection is closed before the parser holds more;
+- every connection gets `timeout_keep_alive` seconds (MIRROR_KEEPALIVE_TIMEOUT_S) to deliver
+  a complete head, from when it opens and again after each response: uvicorn arms its
+  keep-alive timer only after a response and disarms it at the first byte, so a connection
+  that sends nothing, or a header a byte at a time, would stay open for good;
+- a connection answered before its request body was in (`413`, `408`) is closed;
+- a request httptools cannot parse is a `400` problem+json (uvicorn answers plain text).
 
 The body is bounded by the receiver itself (size and MIRROR_BODY_TIMEOUT_S), connections per
-process by uvicorn's `limit_concurrency`.
+process by uvicorn's `limit_concurrency` (MIRROR_MAX_CONNECTIONS).
 """
 
 from __future__ import annotations
@@ -21,38 +26,23 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import h11
 import orjson
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.problems import PROBLEM_TYPE
 
-
-class _Connection(h11.Connection):
-    """h11's connection, remembering why it refused the peer and telling when a head is in."""
-
-    def __init__(self, max_incomplete_event_size: int, on_request: Any) -> None:
-        super().__init__(h11.SERVER, max_incomplete_event_size=max_incomplete_event_size)
-        self.refusal: h11.RemoteProtocolError | None = None
-        self._on_request = on_request
-
-    def next_event(self) -> Any:
-        try:
-            event = super().next_event()
-        except h11.RemoteProtocolError as exc:
-            self.refusal = exc
-            raise
-        if isinstance(event, h11.Request):
-            self._on_request()
-        return event
+_TOO_LARGE = "Request header fields too large"
 
 
-class BoundedH11Protocol(H11Protocol):
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # uvicorn always passes a size (its default is h11's, 16 KB).
-        limit = self.config.h11_max_incomplete_event_size or 16 * 1024
-        self.conn = _Connection(limit, self._head_received)
+        self._max_head = self.config.h11_max_incomplete_event_size or 16 * 1024
+        self._in_head = True
+        self._head_bytes = 0
+        self._heads = 0  # heads completed so far: tells whether one ended within a chunk
+        self._tail = b""  # the last bytes of the head so far: its blank line may straddle chunks
         self._head_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -60,19 +50,52 @@ class BoundedH11Protocol(H11Protocol):
         self._arm_head_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._head_received()
+        self._cancel_head_deadline()
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            return
+        if self._in_head:
+            room = max(self._max_head - self._head_bytes, 0)
+            if len(data) > room and b"\r\n\r\n" not in self._tail + data[: room + 4]:
+                _send_problem(self.transport, 431, "header_too_large", _TOO_LARGE)
+                return
+        heads = self._heads
+        super().data_received(data)
+        if self._in_head and heads == self._heads:
+            self._head_bytes += len(data)
+            self._tail = (self._tail + data)[-3:]
+
+    def on_headers_complete(self) -> None:
+        self._in_head, self._head_bytes, self._tail = False, 0, b""
+        self._heads += 1
+        self._cancel_head_deadline()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head = True
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if self._in_head:
             self._arm_head_deadline()
+        else:
+            # Answered before its body was in (413, 408): a client still trickling that body
+            # must not keep the connection.
+            self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        _send_problem(self.transport, 400, "bad_request", "Invalid HTTP request")
 
     def _arm_head_deadline(self) -> None:
-        self._head_received()
+        self._cancel_head_deadline()
         self._head_deadline = self.loop.call_later(self.timeout_keep_alive, self._head_too_slow)
 
-    def _head_received(self) -> None:
+    def _cancel_head_deadline(self) -> None:
         if self._head_deadline is not None:
             self._head_deadline.cancel()
             self._head_deadline = None
@@ -82,30 +105,22 @@ class BoundedH11Protocol(H11Protocol):
         if not self.transport.is_closing():
             self.transport.close()
 
-    def send_400_response(self, msg: str) -> None:
-        refusal = self.conn.refusal if isinstance(self.conn, _Connection) else None
-        if refusal is not None and refusal.error_status_hint == 431:
-            self._send_problem(431, "header_too_large", "Request header fields too large")
-        else:
-            self._send_problem(400, "bad_request", "Invalid HTTP request")
 
-    def _send_problem(self, status: int, code: str, title: str) -> None:
-        body = orjson.dumps(
-            {
-                "type": PROBLEM_TYPE + code,
-                "title": title,
-                "status": status,
-                "detail": title,
-                "code": code,
-            }
-        )
-        headers = [
-            (b"content-type", b"application/problem+json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ]
-        # h11 refuses to send on a connection it put in the ERROR state; write the bytes.
-        head = f"HTTP/1.1 {status} {title}\r\n".encode()
-        head += b"".join(name + b": " + value + b"\r\n" for name, value in headers) + b"\r\n"
-        self.transport.write(head + body)
-        self.transport.close()
+def _send_problem(transport: asyncio.Transport, status: int, code: str, title: str) -> None:
+    body = orjson.dumps(
+        {
+            "type": PROBLEM_TYPE + code,
+            "title": title,
+            "status": status,
+            "detail": title,
+            "code": code,
+        }
+    )
+    head = (
+        f"HTTP/1.1 {status} {title}\r\n"
+        "content-type: application/problem+json\r\n"
+        f"content-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    )
+    transport.write(head.encode("ascii") + body)
+    transport.close()

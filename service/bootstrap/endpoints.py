@@ -210,7 +210,7 @@ async def bootstrap_buddy(request: Request) -> Response:
                     hatch_stale_s=hatch_stale_s,
                 )
             if mine:
-                return await _lead(call, claim)
+                return await _lead(call, claim, row)
             if row is None:
                 followed = False
                 continue
@@ -239,13 +239,15 @@ async def _answer_from_row(call: _Call, row: asyncpg.Record) -> Response | None:
     return None
 
 
-async def _lead(call: _Call, claim: uuid.UUID) -> Response:
+async def _lead(call: _Call, claim: uuid.UUID, row: asyncpg.Record | None) -> Response:
     """This request won the row: talk to Hatched, record the outcome, answer."""
     pool, settings = call.state.pool, call.state.settings
+    previous_operation = row.get("previous_operation_id") if row is not None else None
+    previous = (row["previous_egg_id"], previous_operation) if row and previous_operation else None
     try:
         try:
             async with asyncio.timeout(LEAD_TIMEOUT_S):
-                outcome = await flow.start_flow(call.hatched, call.user_id, call.audience)
+                outcome = await flow.start_flow(call.hatched, call.user_id, call.audience, previous)
             if isinstance(outcome, RemoteBuddy):
                 await flow.mirror_remote(pool, outcome, settings.shards, call.state.waker.wake)
                 # Unless the trigger completed the row already; if it could not match it (an

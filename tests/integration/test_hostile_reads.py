@@ -4,6 +4,7 @@ slashes. Every answer is a problem or a success; never a 500, never a redirect."
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import AsyncIterator
 
@@ -156,3 +157,25 @@ async def test_no_redirects_and_no_url_from_host(
     assert "location" not in response.headers
     assert "evil.example" not in response.text
     assert response.headers["content-type"] == "application/problem+json"
+
+
+async def test_the_demo_page_is_locked_down(settings: Settings) -> None:
+    from service.app import create_app
+    from tests.conftest import serving
+
+    async with serving(create_app(settings, demo=True)) as url, httpx.AsyncClient() as client:
+        response = await client.get(f"{url}/demo")
+    assert response.status_code == 200
+    assert response.headers["x-frame-options"] == "DENY"
+    policy = dict(
+        part.strip().split(" ", 1)
+        for part in response.headers["content-security-policy"].split(";")
+    )
+    assert policy["default-src"] == "'none'" and policy["frame-ancestors"] == "'none'"
+    assert "'unsafe-inline'" not in response.headers["content-security-policy"]
+    # The inline script the page carries is the one the policy allows, by hash.
+    script = response.text.split("<script>", 1)[1].split("</script>", 1)[0]
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert f"'sha256-{digest}'" in policy["script-src"]
+    # The token is read from the fragment only (a query string reaches logs and Referer).
+    assert 'get("token")' in script and 'params.get("token")' not in script

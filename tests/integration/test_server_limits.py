@@ -79,6 +79,36 @@ def test_a_head_within_the_limit_is_served(url: str) -> None:
     assert response.status_code == 200
 
 
+def test_a_large_body_after_a_small_head_is_no_header_problem(url: str) -> None:
+    """Head and body arrive in the same reads: only the head counts against the limit."""
+    body = b"x" * 600_000
+    with _connect(url) as sock:
+        head = b"POST /webhooks/hatched HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+        sock.sendall(head % len(body) + body)
+        answer = _answer(sock)
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]  # unsigned, read to its end
+
+
+def test_a_head_near_the_limit_trickled_in_pieces_is_served(url: str) -> None:
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * (MAX_HEADER_BYTES - 200)
+    head += b"\r\n\r\n"
+    with _connect(url) as sock:
+        for i in range(0, len(head), 997):
+            sock.sendall(head[i : i + 997])
+        assert _answer(sock).startswith(b"HTTP/1.1 200")
+
+
+def test_pipelined_requests_are_each_answered(url: str) -> None:
+    one = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    with _connect(url) as sock:
+        sock.sendall(one * 3 + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                data += chunk
+    assert data.count(b"HTTP/1.1 200") == 4, data
+
+
 @pytest.mark.parametrize("sends", [b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\n"])
 def test_a_connection_without_a_complete_head_is_closed(url: str, sends: bytes) -> None:
     started = time.monotonic()
