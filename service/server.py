@@ -14,7 +14,8 @@ throughput. So this protocol keeps httptools and measures the request head itsel
   a complete head, from when it opens and again after each response: uvicorn arms its
   keep-alive timer only after a response and disarms it at the first byte, so a connection
   that sends nothing, or a header a byte at a time, would stay open for good;
-- a connection answered before its request body was in (`413`, `408`) is closed;
+- a connection answered before its request body was in (`413`, `408`) gets the same time to
+  finish sending it, then is closed;
 - a request httptools cannot parse is a `400` problem+json (uvicorn answers plain text).
 
 The body is bounded by the receiver itself (size and MIRROR_BODY_TIMEOUT_S), connections per
@@ -79,14 +80,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self.transport.is_closing():
-            return
-        if self._in_head:
+        if not self.transport.is_closing():
+            # Also when the answer came before the request's body was in (413, 408): the rest
+            # of it must arrive within the same time, so a client trickling it cannot keep the
+            # connection. (Closing at once would reset a client still sending: it could lose
+            # the answer.)
             self._arm_head_deadline()
-        else:
-            # Answered before its body was in (413, 408): a client still trickling that body
-            # must not keep the connection.
-            self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
         _send_problem(self.transport, 400, "bad_request", "Invalid HTTP request")

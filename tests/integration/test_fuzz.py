@@ -23,6 +23,7 @@ from service.ingest.signatures import signature_headers
 from tests.conftest import API_TOKEN, SECRET
 from tests.harness import serve, service_env
 
+MAX_BODY = 4096
 HEADER_NAMES = st.sampled_from(
     [
         "X-Hatched-Signature",
@@ -120,7 +121,7 @@ def receiver(
     migrated: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     log = tmp_path_factory.mktemp("fuzz") / "serve.log"
-    with serve(service_env(migrated, redis_url, MIRROR_MAX_BODY_BYTES="4096"), log) as url:
+    with serve(service_env(migrated, redis_url, MIRROR_MAX_BODY_BYTES=str(MAX_BODY)), log) as url:
         yield url
     assert "Traceback" not in log.read_text(), log.read_text()[-4000:]
 
@@ -202,6 +203,9 @@ def test_fuzzed_deliveries_never_500_and_never_store_unsigned(
                 counts["ambiguous"] += 1
                 assert response.status_code == 400, response.text
                 assert response.json()["code"] == "ambiguous_header"
+            elif len(body) > MAX_BODY:
+                assert response.status_code == 413, response.text
+                assert response.json()["code"] == "payload_too_large"
             elif sign in ("v1", "v2"):
                 counts["signed"] += 1
                 assert response.status_code in (200, 202), response.text
