@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import orjson
 import pytest
 
@@ -13,6 +14,7 @@ from service.hatched.client import _seg
 from service.hatched.errors import HatchedAPIError
 from service.ids import MAX_ID_CHARS, PREFIX_CHARS
 from service.ingest.events import ID_FIELDS, MAX_DEPTH, parse_delivery
+from service.ingest.inbox import is_data_error
 from service.ingest.signatures import ambiguous_header, signature_headers, verify
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -163,3 +165,23 @@ def test_dot_segments_never_reach_hatched(segment: str) -> None:
 def test_path_segments_are_percent_encoded() -> None:
     assert _seg("a/b?c#d%") == "a%2Fb%3Fc%23d%25"
     assert _seg("...") == "..."
+
+
+@pytest.mark.parametrize(
+    ("exc", "data"),
+    [
+        (asyncpg.exceptions.CharacterNotInRepertoireError("NUL"), True),
+        (asyncpg.exceptions.ProgramLimitExceededError("index row size"), True),
+        (asyncpg.exceptions.CheckViolationError("check"), True),
+        (asyncpg.exceptions._base.DataError("invalid input for query argument"), True),
+        (asyncpg.exceptions.ConnectionDoesNotExistError("closed"), False),
+        (asyncpg.exceptions.CannotConnectNowError("starting up"), False),
+        (asyncpg.exceptions.AdminShutdownError("shutdown"), False),
+        (asyncpg.InterfaceError("pool is closing"), False),
+        (OSError("refused"), False),
+        (TimeoutError(), False),
+    ],
+)
+def test_only_data_errors_isolate_a_row(exc: BaseException, data: bool) -> None:
+    """A refused value costs one delivery; anything else is the connection (503 for all)."""
+    assert is_data_error(exc) is data
