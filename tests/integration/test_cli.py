@@ -149,7 +149,8 @@ async def test_an_existing_inbox_keeps_every_outcome_across_the_state_table_migr
                     """
                 )
                 was = [dict(r) for r in await conn.fetch("SELECT * FROM deliveries ORDER BY seq")]
-                assert await store.migrate(conn) == [
+                # (and whatever later migrations there are)
+                assert (await store.migrate(conn))[:2] == [
                     "0008_delivery_states",
                     "0009_orphan_delivery_states",
                 ]
@@ -213,7 +214,7 @@ async def test_a_delivery_the_previous_release_stores_during_the_split_is_applie
             )
             assert [r["delivery_id"] for r in await pool.fetch(stateless)] == ["late"]
             async with pool.acquire() as conn:
-                assert await store.migrate(conn) == ["0009_orphan_delivery_states"]
+                assert (await store.migrate(conn))[:1] == ["0009_orphan_delivery_states"]
                 assert await pool.fetch(stateless) == []
                 async with conn.transaction():
                     claimed = await store.claim_batch(conn, [5], 10)
