@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import json
+import logging
+import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -9,6 +13,7 @@ import asyncpg
 import orjson
 import pytest
 
+from service import logs
 from service.config import ConfigError, load_settings
 from service.hatched.client import _seg
 from service.hatched.errors import HatchedAPIError
@@ -185,3 +190,22 @@ def test_path_segments_are_percent_encoded() -> None:
 def test_only_data_errors_isolate_a_row(exc: BaseException, data: bool) -> None:
     """A refused value costs one delivery; anything else is the connection (503 for all)."""
     assert is_data_error(exc) is data
+
+
+def test_stdlib_errors_keep_their_traceback_in_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn logs through the standard library; its tracebacks must survive the JSON log."""
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        logs.configure("json")
+        try:
+            1 / 0  # noqa: B018
+        except ZeroDivisionError:
+            logging.getLogger("uvicorn.error").exception("Exception in ASGI application")
+    finally:
+        root.handlers, root.level = saved[0], saved[1]
+    line = json.loads(out.getvalue().strip().splitlines()[-1])
+    assert line["event"] == "Exception in ASGI application"
+    assert "Traceback" in line["exception"] and "ZeroDivisionError" in line["exception"]
