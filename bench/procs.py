@@ -28,7 +28,7 @@ REDIS_BASE = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379")
 SERVICE_REDIS_DB = 12
 ARQ_BASELINE_REDIS_DB = 13
 SECRET = "whsec_bench_secret_0123456789"
-TOKEN = "bench-api-token"
+TOKEN = "bench-api-token-0001"
 QUEUE = "hatched-mirror"
 # Variables of the parent that must not leak into the service: only what we set configures it.
 _OURS = ("DATABASE_URL", "REDIS_URL", "HATCHED_", "MIRROR_")

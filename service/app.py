@@ -109,7 +109,10 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 
 BUDDY_ID = text_param("buddy_id", "path")
-NOT_FOUND = {404: "buddy_not_found: no such buddy mirrored"}
+NOT_FOUND = {
+    400: "invalid_parameter: an id no buddy can have (NUL, control character, too long)",
+    404: "buddy_not_found: no such buddy mirrored",
+}
 BAD_PAGE = {400: "invalid_parameter or invalid_cursor: the parameter is named in `detail`"}
 
 
@@ -124,7 +127,9 @@ def endpoints(settings: Settings) -> list[Endpoint]:
             "signature",
             {202: schemas.ReceiverAnswer, 200: schemas.ReceiverAnswer},
             errors={
+                400: "ambiguous_header (a significant header repeated) or delivery_refused",
                 401: "missing_signature, invalid_signature or stale_timestamp",
+                408: "request_timeout: the body did not arrive within MIRROR_BODY_TIMEOUT_S",
                 413: "payload_too_large",
                 503: "unavailable: the inbox database is unreachable; Hatched retries",
             },
@@ -183,7 +188,10 @@ def endpoints(settings: Settings) -> list[Endpoint]:
             "api",
             {200: "text/event-stream"},
             params=[BUDDY_ID],
-            errors={503: "too_many_streams: this process serves its maximum of live streams"},
+            errors={
+                400: NOT_FOUND[400],
+                503: "too_many_streams: this process serves its maximum of live streams",
+            },
             user="buddy",
         ),
         Endpoint(
@@ -278,7 +286,10 @@ def endpoints(settings: Settings) -> list[Endpoint]:
             "admin",
             {202: schemas.Queued},
             params=[text_param("delivery_id", "path")],
-            errors={404: "delivery_not_found"},
+            errors={
+                400: "invalid_parameter: an id no delivery can have",
+                404: "delivery_not_found",
+            },
             tag="admin",
         ),
         Endpoint(
@@ -290,6 +301,7 @@ def endpoints(settings: Settings) -> list[Endpoint]:
             {202: schemas.Queued},
             params=[BUDDY_ID],
             errors={
+                400: NOT_FOUND[400],
                 409: "hatched_api_not_configured: HATCHED_API_URL/HATCHED_API_KEY unset",
                 503: "unavailable: could not queue the refresh",
             },
@@ -373,7 +385,7 @@ def create_app(settings: Settings, *, demo: bool = False) -> Starlette:
     user_tokens = UserTokens(settings.user_token_secrets, settings.user_token_max_ttl_s)
     middleware.append(Middleware(ScopeGuard, endpoints=table, tokens=user_tokens))
     middleware.append(Middleware(CachedBuddyReads))
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
@@ -383,3 +395,7 @@ def create_app(settings: Settings, *, demo: bool = False) -> Starlette:
             Exception: _unexpected,
         },
     )
+    # No redirects: Starlette's answer to `/v1/buddies/` would be a 307 to an absolute URL built
+    # from the request's Host header. A path that is not a route is a 404 problem instead.
+    app.router.redirect_slashes = False
+    return app

@@ -23,10 +23,11 @@ from prometheus_client import start_http_server
 
 from service import logs, store
 from service.config import ConfigError, Settings, load_settings, require
+from service.server import BoundedHttpToolsProtocol
 
 DEV_SECRET = "whsec_dev_local_secret"
-DEV_API_TOKEN = "dev-api-token"
-DEV_ADMIN_TOKEN = "dev-admin-token"
+DEV_API_TOKEN = "dev-api-token-local"
+DEV_ADMIN_TOKEN = "dev-admin-token-local"
 # `dev` signs user tokens with this unless MIRROR_USER_TOKEN_SECRETS is set (at least 32 bytes).
 DEV_USER_TOKEN_SECRET = "dev-user-token-secret-not-for-production"
 
@@ -75,7 +76,7 @@ def _exit_requested(signum: int, frame: object) -> None:
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64))
 def serve(host: str, port: int, workers: int) -> None:
     """HTTP: receiver, read API, operations endpoints."""
-    _settings("serve")  # refuse to start half-configured, before forking anything
+    settings = _settings("serve")  # refuse to start half-configured, before forking anything
     # uvicorn re-raises the SIGTERM/SIGINT it shut down on, once it has (as `dev` notes); with
     # the default handlers the process would then die of the signal (exit 143), which
     # supervisors read as a crash. A stop that was asked for ends with status 0 instead.
@@ -97,7 +98,13 @@ def serve(host: str, port: int, workers: int) -> None:
         log_config=None,
         access_log=False,
         proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         timeout_graceful_shutdown=20,
+        # The service's own limits (service/server.py); uvicorn names the head size after h11.
+        http=BoundedHttpToolsProtocol,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        timeout_keep_alive=settings.keepalive_timeout_s,
+        limit_concurrency=settings.max_connections,
     )
 
 

@@ -10,6 +10,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 # Comma-separated lists arrive as plain strings; NoDecode stops pydantic-settings from
 # trying to read them as JSON first.
 CsvList = Annotated[list[str], NoDecode]
+# The shortest webhook secret or bearer token accepted.
+MIN_SECRET_CHARS = 16
 
 
 def _split_csv(value: Any) -> Any:
@@ -66,6 +68,14 @@ class Settings(BaseSettings):
     stream_max_clients: int = Field(default=1000, ge=1, alias="MIRROR_STREAM_MAX_CLIENTS")
     stream_ping_s: float = Field(default=15.0, gt=0, alias="MIRROR_STREAM_PING_S")
     log_format: str = Field(default="json", pattern="^(json|console)$", alias="MIRROR_LOG_FORMAT")
+    # Server limits `serve` enforces itself, so a bare `serve` exposed directly stays bounded.
+    max_header_bytes: int = Field(
+        default=65_536, ge=4096, le=16_777_216, alias="MIRROR_MAX_HEADER_BYTES"
+    )
+    body_timeout_s: float = Field(default=10.0, gt=0, le=300, alias="MIRROR_BODY_TIMEOUT_S")
+    keepalive_timeout_s: int = Field(default=5, ge=1, le=600, alias="MIRROR_KEEPALIVE_TIMEOUT_S")
+    max_connections: int = Field(default=2048, ge=1, alias="MIRROR_MAX_CONNECTIONS")
+    forwarded_allow_ips: str = Field(default="127.0.0.1", alias="MIRROR_FORWARDED_ALLOW_IPS")
 
     @field_validator("webhook_secrets", "api_tokens", "admin_tokens", "cors_origins", mode="before")
     @classmethod
@@ -80,6 +90,16 @@ class Settings(BaseSettings):
         if isinstance(secrets, list) and any(len(str(s).encode()) < 32 for s in secrets):
             raise ValueError("every key must be at least 32 bytes")
         return secrets
+
+    @field_validator("webhook_secrets", "api_tokens", "admin_tokens")
+    @classmethod
+    def _long_enough(cls, value: list[str]) -> list[str]:
+        # A short secret or token can be guessed; the field name is added by load_settings.
+        short = [i + 1 for i, v in enumerate(value) if len(v) < MIN_SECRET_CHARS]
+        if short:
+            entries = ", ".join(f"#{i}" for i in short)
+            raise ValueError(f"entry {entries} is shorter than {MIN_SECRET_CHARS} characters")
+        return value
 
     @field_validator("database_url")
     @classmethod
@@ -136,8 +156,9 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         problems = []
+        aliases = {n: f.alias for n, f in Settings.model_fields.items() if f.alias}
         for err in exc.errors():
-            name = ".".join(str(part) for part in err["loc"])
+            name = ".".join(aliases.get(str(part), str(part)) for part in err["loc"])
             problems.append(f"{name}: {err['msg']}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
 

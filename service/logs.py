@@ -44,6 +44,8 @@ def configure(fmt: str = "json", level: int = logging.INFO) -> None:
             processors=[
                 *shared[1:],
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                # uvicorn's own errors carry exc_info: render it, or JSON says "<traceback>".
+                structlog.processors.format_exc_info,
                 renderer,
             ]
         )

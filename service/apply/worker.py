@@ -262,6 +262,9 @@ async def prune(ctx: WorkerContext) -> int:
         total += deleted
         if deleted < settings.prune_batch_size:
             break
+    # A signature can verify until its timestamp is tolerance_s old; twice that (and a minute
+    # of clock skew) and it is certainly refused as stale before any lookup.
+    await store.prune_signatures(ctx["pool"], 2 * settings.signature_tolerance_s + 60)
     if total:
         metrics.PRUNED.inc(total)
         log.info("pruned", deliveries=total)

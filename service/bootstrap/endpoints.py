@@ -96,7 +96,7 @@ def audience_param(value: Any, name: str = "audience") -> str | None:
 
 
 async def json_body(request: Request) -> dict[str, Any]:
-    raw = await read_body(request, MAX_BODY)
+    raw = await read_body(request, MAX_BODY, request.app.state.mirror.settings.body_timeout_s)
     if not raw.strip():
         return narrow_body(request, {})
     try:
@@ -205,7 +205,7 @@ async def bootstrap_buddy(request: Request) -> Response:
                     hatch_stale_s=hatch_stale_s,
                 )
             if mine:
-                return await _lead(call, claim)
+                return await _lead(call, claim, row)
             if row is None:
                 followed = False
                 continue
@@ -234,13 +234,15 @@ async def _answer_from_row(call: _Call, row: asyncpg.Record) -> Response | None:
     return None
 
 
-async def _lead(call: _Call, claim: uuid.UUID) -> Response:
+async def _lead(call: _Call, claim: uuid.UUID, row: asyncpg.Record | None) -> Response:
     """This request won the row: talk to Hatched, record the outcome, answer."""
     pool, settings = call.state.pool, call.state.settings
+    previous_operation = row.get("previous_operation_id") if row is not None else None
+    previous = (row["previous_egg_id"], previous_operation) if row and previous_operation else None
     try:
         try:
             async with asyncio.timeout(LEAD_TIMEOUT_S):
-                outcome = await flow.start_flow(call.hatched, call.user_id, call.audience)
+                outcome = await flow.start_flow(call.hatched, call.user_id, call.audience, previous)
             if isinstance(outcome, RemoteBuddy):
                 if not await flow.mirror_remote(
                     pool, outcome, settings.shards, call.state.waker.wake

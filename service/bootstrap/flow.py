@@ -63,9 +63,17 @@ async def mirror_remote(
 
 
 async def start_flow(
-    hatched: HatchedAPI, user_id: str, audience: str | None
+    hatched: HatchedAPI,
+    user_id: str,
+    audience: str | None,
+    previous: tuple[str | None, str] | None = None,
 ) -> RemoteBuddy | tuple[str, str]:
-    """Hatched's side of the flow: an active buddy, or (egg id, hatch operation id)."""
+    """Hatched's side of the flow: an active buddy, or (egg id, hatch operation id).
+
+    `previous`: (egg id, operation id) of the attempt before this one. A hatch that outlasted
+    MIRROR_BOOTSTRAP_POLL_MAX_S may still be running: Hatched's `ensure=true` returns only
+    waiting or ready eggs, so asking for an egg now would make a second one. Its operation is
+    asked first, and adopted while it runs."""
     page, _ = await hatched.list_buddies(user_id=user_id, status="active", priority=True)
     mine = [
         b
@@ -74,6 +82,10 @@ async def start_flow(
     ]
     if mine:
         return max(mine, key=_newest)
+    if previous is not None:
+        adopted = await _adopt(hatched, *previous)
+        if adopted is not None:
+            return adopted
     try:
         return await _hatch(hatched, await hatched.ensure_egg(user_id, audience, priority=True))
     except HatchedAPIError as exc:
@@ -89,6 +101,37 @@ async def start_flow(
                 raise
             log.info("bootstrap_egg_not_reusable", egg_id=egg["egg_id"], code=exc.code)
     raise limit
+
+
+_OPERATION_DONE = ("completed", "succeeded", "success", "done")
+_OPERATION_FAILED = ("failed", "error", "cancelled", "canceled", "expired")
+
+
+async def _adopt(
+    hatched: HatchedAPI, egg_id: str | None, operation_id: str
+) -> RemoteBuddy | tuple[str, str] | None:
+    """The previous hatch, when it is still running (resume it) or produced a buddy; None when
+    it failed or Hatched does not know it (a new attempt may start)."""
+    try:
+        operation = await hatched.get_operation(operation_id, priority=True)
+    except HatchedAPIError as exc:
+        if exc.status == 404:
+            return None
+        raise
+    status = str(operation.get("status") or "").lower()
+    if status in _OPERATION_FAILED:
+        return None
+    if status in _OPERATION_DONE:
+        result = operation.get("result")
+        buddy_id = result.get("buddy_id") if isinstance(result, Mapping) else None
+        if isinstance(buddy_id, str) and buddy_id:
+            return await hatched.get_buddy(buddy_id, priority=True)
+        return None
+    egg = egg_id or operation.get("egg_id")
+    if not isinstance(egg, str) or not egg:
+        return None
+    log.info("bootstrap_hatch_adopted", operation_id=operation_id, status=status)
+    return egg, operation_id
 
 
 def _newest(buddy: RemoteBuddy) -> tuple[float, str]:

@@ -35,15 +35,23 @@ RETURNING *
 
 # A failed or completed-but-unmirrored row is retried by the next call (when $5); a request
 # that died mid-flow, or a hatch nobody finished, is taken over once its lease has run out.
+# The attempt before it is returned too (previous_*): a hatch that outlasted the poll may still
+# be running at Hatched, and the new attempt asks about it before it makes anything new.
 TAKE_OVER = """
-UPDATE bootstraps
+UPDATE bootstraps AS b
 SET status = 'starting', claim = $3, attempts = attempts + 1, error = NULL, operation_id = NULL,
     buddy_id = NULL, hatch_started_at = NULL, polls = 0, polled_at = NULL, updated_at = now()
-WHERE user_id = $1 AND audience_key = $2
-  AND (($5 AND status IN ('failed', 'completed'))
-       OR (status IN ('starting', 'mirroring') AND updated_at < now() - make_interval(secs => $4))
-       OR (status = 'hatching' AND hatch_started_at < now() - make_interval(secs => $6)))
-RETURNING *
+FROM (
+    SELECT operation_id AS previous_operation_id, egg_id AS previous_egg_id FROM bootstraps
+    WHERE user_id = $1 AND audience_key = $2
+    FOR UPDATE
+) AS before
+WHERE b.user_id = $1 AND b.audience_key = $2
+  AND (($5 AND b.status IN ('failed', 'completed'))
+       OR (b.status IN ('starting', 'mirroring')
+           AND b.updated_at < now() - make_interval(secs => $4))
+       OR (b.status = 'hatching' AND b.hatch_started_at < now() - make_interval(secs => $6)))
+RETURNING b.*, before.previous_operation_id, before.previous_egg_id
 """
 
 

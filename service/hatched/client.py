@@ -358,5 +358,9 @@ class HatchedAPI:
 
 
 def _seg(value: str) -> str:
-    """One path segment: an id containing `/` or `?` must not change the route."""
+    """One path segment: an id containing `/` or `?` must not change the route. `.` and `..`
+    are refused before any call: percent-encoding leaves them as they are, and a URL resolver
+    would turn `/buddies/..` into `/` (another route, with our API key)."""
+    if value in ("", ".", ".."):
+        raise HatchedAPIError(f"refusing path segment {value!r}", code="invalid_id")
     return quote(value, safe="")

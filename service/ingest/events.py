@@ -2,6 +2,10 @@
 
 Pure: no I/O. The receiver calls `parse_delivery` to classify a verified delivery; the worker calls
 it again on the stored raw bytes, so a later version of this module can re-read the whole log.
+
+Every id it returns obeys `service.ids` (length and characters), every time is within
+`MIN_TIME`..`MAX_TIME` and no body is deeper than `MAX_DEPTH`: a delivery breaking one is dead,
+with a reason that quotes at most a prefix of the value.
 """
 
 from __future__ import annotations
@@ -9,12 +13,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal, get_args
 
 import orjson
 
-from service.coerce import as_utc, iso_time, snake_case
+from service.coerce import as_utc, snake_case
+from service.ids import MAX_TYPE_CHARS, id_problem, prefix
 
 # Canonical event types the projector understands. Anything else is kept as `unmapped`.
 KNOWN_TYPES = frozenset(
@@ -94,6 +99,28 @@ IMAGE_KEY_MAP: dict[str, str] = {"url": "image_url", "stage": "evolution_stage"}
 
 _BALANCE_TYPES = frozenset({"coins.earned", "coins.spent", "token.earned", "token.spent"})
 
+# Payload fields that name something the mirror stores as a key or id (besides buddy_id).
+ID_FIELDS = (
+    "user_id",
+    "egg_id",
+    "token_type",
+    "skill_key",
+    "badge_id",
+    "streak_key",
+    "item_id",
+)
+# Hatched's payloads are a few levels deep; anything much deeper is not one of them, and an
+# unbounded depth would exhaust the recursion of the normaliser (and of whoever reads it next).
+MAX_DEPTH = 32
+# Order keys outside this range are not times Hatched can have meant; one far in the future
+# would also win every last-writer-wins comparison for good.
+MIN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_TIME = datetime(3000, 1, 1, tzinfo=UTC)
+
+
+class _Dead(Exception):
+    """A field that makes the delivery unusable; str(exc) is the stored reason."""
+
 
 def parse_delivery(
     body: bytes, headers: Mapping[str, str], fmt: Format, signed_at: datetime
@@ -110,30 +137,53 @@ def parse_delivery(
     else:
         delivery_header = "hatched-delivery-id"
         type_header = "hatched-event-type"
-    header_delivery = _nonempty_str(headers.get(delivery_header))
-    header_type = _nonempty_str(headers.get(type_header))
+    try:
+        header_delivery = _id(headers.get(delivery_header), "delivery id")
+    except _Dead as exc:
+        return _dead(_invalid_id(headers.get(delivery_header)), str(exc), None)
+    fallback_id = header_delivery or _body_hash(body)
+    try:
+        header_type = _type(headers.get(type_header))
+    except _Dead as exc:
+        return _dead(fallback_id, str(exc), None)
 
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return _dead(header_delivery or _body_hash(body), "body_not_json", header_type)
+        # orjson refuses more than 1024 levels of nesting with this error too.
+        return _dead(fallback_id, "body_not_json", header_type)
     if not isinstance(doc, dict):
-        return _dead(header_delivery or _body_hash(body), "body_not_object", header_type)
+        return _dead(fallback_id, "body_not_object", header_type)
+    if _deeper_than(doc, MAX_DEPTH):
+        return _dead(fallback_id, f"body_too_deep: more than {MAX_DEPTH} levels", header_type)
 
     event_id: str | None = None
     created_at: datetime | None = None
     if fmt == "v2":
-        delivery_id = header_delivery or _body_hash(body)
-        raw_type = header_type or _nonempty_str(doc.get("type")) or _nonempty_str(doc.get("event"))
+        delivery_id = fallback_id
+        try:
+            raw_type = header_type or _type(doc.get("type")) or _type(doc.get("event"))
+        except _Dead as exc:
+            return _dead(delivery_id, str(exc), None)
         payload: Any = doc
     else:
-        delivery_id = _nonempty_str(doc.get("deliveryId")) or header_delivery or _body_hash(body)
-        raw_type = _nonempty_str(doc.get("type")) or header_type
+        try:
+            body_delivery = _id(doc.get("deliveryId"), "deliveryId")
+        except _Dead as exc:
+            return _dead(_invalid_id(doc.get("deliveryId")), str(exc), header_type)
+        delivery_id = body_delivery or fallback_id
+        try:
+            raw_type = _type(doc.get("type")) or header_type
+        except _Dead as exc:
+            return _dead(delivery_id, str(exc), None)
         payload = doc.get("data")
         if not isinstance(payload, dict):
             return _dead(delivery_id, "data_not_object", raw_type)
-        event_id = _nonempty_str(doc.get("eventId"))
-        created_at = iso_time(doc.get("createdAt"))
+        try:
+            event_id = _id(doc.get("eventId"), "eventId")
+            created_at = _time(doc.get("createdAt"), "createdAt")
+        except _Dead as exc:
+            return _dead(delivery_id, str(exc), raw_type)
 
     if raw_type is None:
         return _dead(delivery_id, "no_event_type", None)
@@ -147,7 +197,20 @@ def parse_delivery(
             if reason is not None:
                 data["reason"] = reason
 
-    buddy_id = _nonempty_str(data.get("buddy_id"))
+    try:
+        buddy_id = _id(data.get("buddy_id"), "buddy_id")
+        for name in ID_FIELDS:
+            value = data.get(name)
+            if isinstance(value, str) and (problem := id_problem(value)) is not None:
+                raise _Dead(f"invalid_id: {name} {problem}; starts {prefix(value)}")
+        occurred_at = (
+            created_at
+            or _time(data.get("occurred_at"), "occurred_at")
+            or _time(data.get("awarded_at"), "awarded_at")
+            or signed_at
+        )
+    except _Dead as exc:
+        return _dead(delivery_id, str(exc), raw_type)
     known = event_type in KNOWN_TYPES
     if buddy_id is None:
         if known:
@@ -156,12 +219,6 @@ def parse_delivery(
             delivery_id, "unmapped", f"unknown_event_type:{event_type}", raw_type, None, None
         )
 
-    occurred_at = (
-        created_at
-        or iso_time(data.get("occurred_at"))
-        or iso_time(data.get("awarded_at"))
-        or signed_at
-    )
     event = Event(
         delivery_id=delivery_id,
         event_id=event_id,
@@ -218,9 +275,68 @@ def _body_hash(body: bytes) -> str:
 
 
 def _nonempty_str(value: object) -> str | None:
-    # A NUL cannot be stored in a Postgres text column: such an id counts as absent.
+    # A NUL cannot be stored in a Postgres text column: such a value counts as absent.
     if isinstance(value, str) and "\x00" not in value:
         value = value.strip()
         if value:
             return value
     return None
+
+
+def _id(value: object, name: str, max_chars: int | None = None) -> str | None:
+    """An id (surrounding blanks dropped), None when absent; `_Dead` when it breaks the rule."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    value = value.strip()
+    problem = id_problem(value) if max_chars is None else id_problem(value, max_chars)
+    if problem is not None:
+        raise _Dead(f"invalid_id: {name} {problem}; starts {prefix(value)}")
+    return value
+
+
+def _type(value: object) -> str | None:
+    return _id(value, "event type", MAX_TYPE_CHARS)
+
+
+def _invalid_id(value: object) -> str:
+    # The stored key of a delivery whose own id cannot be stored: a hash of that id, so that
+    # Hatched's retries of it still answer `duplicate`.
+    raw = value if isinstance(value, str) else repr(value)
+    digest = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
+    return "invalid-id:sha256:" + digest
+
+
+def _time(value: object, name: str) -> datetime | None:
+    """An ISO 8601 time as UTC; None when absent or unreadable (the next source of the order
+    key is used, as before); `_Dead` when it reads as a time outside MIN_TIME..MAX_TIME."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    try:
+        utc = as_utc(parsed)
+    except OverflowError:
+        # A valid local time whose UTC instant falls outside year 1..9999.
+        utc = None
+    if utc is None or not MIN_TIME <= utc < MAX_TIME:
+        raise _Dead(f"time_out_of_range: {name} starts {prefix(value)}")
+    return utc
+
+
+def _deeper_than(doc: object, limit: int) -> bool:
+    """Whether `doc` nests objects and arrays more than `limit` levels (iteratively)."""
+    stack: list[tuple[object, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False

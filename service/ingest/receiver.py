@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 
 import structlog
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from service import logs, metrics, store
 from service.ingest.events import parse_delivery
-from service.ingest.signatures import SignatureError, verify
+from service.ingest.inbox import DeliveryRefused
+from service.ingest.signatures import SignatureError, ambiguous_header, verify
 from service.ingest.wakeups import shard_of
 from service.problems import DATABASE_ERRORS, Problem, json_response, unavailable
 from service.state import AppState
@@ -22,18 +24,30 @@ log = structlog.get_logger(__name__)
 _KEPT_PREFIXES = ("x-hatched-", "hatched-")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refusing to read past `limit` bytes (Content-Length may lie or be absent)."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The raw body, refusing to read past `limit` bytes (Content-Length may lie or be absent)
+    or for longer than `timeout_s` (a client trickling its upload holds a connection)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+    except TimeoutError:
+        log.info("request_body_timeout", received_bytes=size, timeout_s=timeout_s)
+        raise Problem(
+            408, "request_timeout", "Request timeout", f"body not received within {timeout_s:g}s"
+        ) from None
+    except ClientDisconnect:
+        # The client gave up mid-upload: nothing to store and nobody to answer; one quiet line.
+        log.info("client_disconnected", received_bytes=size)
+        raise Problem(400, "client_disconnected", "Client disconnected") from None
     return b"".join(chunks)
 
 
@@ -44,11 +58,21 @@ def _too_large(limit: int) -> Problem:
 async def receive(request: Request) -> Response:
     state: AppState = request.app.state.mirror
     settings = state.settings
-    body = await read_body(request, settings.max_body_bytes)
+    if (name := ambiguous_header(request.scope["headers"])) is not None:
+        raise Problem(
+            400,
+            "ambiguous_header",
+            "Ambiguous header",
+            f"`{name}` is sent more than once (or with the other signature scheme)",
+        )
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+    # The one view of the headers that verification, classification and storage all read (and
+    # the worker reads again): with no significant header repeated, it cannot differ from them.
+    headers = {k: v for k, v in request.headers.items() if k.startswith(_KEPT_PREFIXES)}
     try:
         verified = verify(
             body,
-            request.headers,
+            headers,
             settings.webhook_secrets,
             time.time(),
             settings.signature_tolerance_s,
@@ -60,7 +84,7 @@ async def receive(request: Request) -> Response:
     metrics.SECRET_MATCHES.labels(index=str(verified.secret_index)).inc()
 
     signed_at = datetime.fromtimestamp(verified.timestamp, UTC)
-    parsed = parse_delivery(body, request.headers, verified.format, signed_at)
+    parsed = parse_delivery(body, headers, verified.format, signed_at)
     # From here on every line about this delivery says which one (and whose).
     structlog.contextvars.bind_contextvars(delivery_id=parsed.delivery_id, buddy_id=parsed.buddy_id)
     event = parsed.event
@@ -73,19 +97,23 @@ async def receive(request: Request) -> Response:
         shard=shard_of(parsed.buddy_id, settings.shards) if parsed.buddy_id else 0,
         occurred_at=event.occurred_at if event is not None else None,
         signed_at=signed_at,
-        headers={k: v for k, v in request.headers.items() if k.startswith(_KEPT_PREFIXES)},
+        headers=headers,
         body=body,
         status=parsed.status,
         reason=parsed.reason,
+        signature=verified.replay_key(),
     )
     try:
-        seq = await state.inbox.store(delivery)
+        stored = await state.inbox.store(delivery)
+    except DeliveryRefused as exc:
+        metrics.DELIVERIES.labels(type=metrics.type_label(delivery.event_type), outcome="400").inc()
+        raise Problem(400, "delivery_refused", "Delivery refused", str(exc)) from None
     except DATABASE_ERRORS as exc:
         log.error("inbox_unavailable", error=repr(exc))
         metrics.DELIVERIES.labels(type=metrics.type_label(delivery.event_type), outcome="503").inc()
         raise unavailable("the inbox database is unreachable; retry later") from None
 
-    if seq == store.FORGOTTEN:
+    if stored.seq == store.FORGOTTEN:
         # The buddy was erased: nothing was stored, the tombstone counted the hit. A 2xx, so
         # Hatched stops retrying.
         metrics.DELIVERIES.labels(
@@ -95,7 +123,9 @@ async def receive(request: Request) -> Response:
         log.info("delivery_forgotten")
         return json_response({"delivery_id": parsed.delivery_id, "status": "forgotten"}, 202)
 
-    if seq is None:
+    if stored.seq is None:
+        # A delivery id stored before (Hatched's retry), or a signature stored before (a
+        # replay of a captured request under another delivery id or event type).
         metrics.DELIVERIES.labels(
             type=metrics.type_label(delivery.event_type), outcome="duplicate"
         ).inc()
@@ -103,7 +133,7 @@ async def receive(request: Request) -> Response:
         return json_response({"delivery_id": parsed.delivery_id, "status": "duplicate"}, 200)
 
     metrics.DELIVERIES.labels(
-        type=metrics.type_label(delivery.event_type), outcome=parsed.status
+        type=metrics.type_label(delivery.event_type), outcome=stored.status
     ).inc()
-    log.info("delivery_stored", seq=seq, status=parsed.status, reason=parsed.reason)
-    return json_response({"delivery_id": parsed.delivery_id, "status": parsed.status}, 202)
+    log.info("delivery_stored", seq=stored.seq, status=stored.status, reason=stored.reason)
+    return json_response({"delivery_id": parsed.delivery_id, "status": stored.status}, 202)

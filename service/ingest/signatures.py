@@ -18,6 +18,18 @@ ErrorCode = Literal["missing_signature", "invalid_signature", "stale_timestamp"]
 V2_SIGNATURE = "x-hatched-signature"
 V2_TIMESTAMP = "x-hatched-timestamp"
 V1_SIGNATURE = "hatched-signature"
+# Every header whose value decides what is stored or applied. Two copies of one (or both
+# signature schemes at once) could be read two ways (a proxy, Starlette's `.get` and a dict
+# built from the headers each pick another copy), so such a request is refused as ambiguous.
+SIGNIFICANT_HEADERS = (
+    V2_SIGNATURE,
+    V2_TIMESTAMP,
+    V1_SIGNATURE,
+    "x-hatched-delivery",
+    "x-hatched-event",
+    "hatched-delivery-id",
+    "hatched-event-type",
+)
 
 # ASCII-only on purpose: `\d` would let non-ASCII digits through, which `int()` happily accepts.
 _TIMESTAMP_RE = re.compile(r"[0-9]{1,12}")
@@ -36,9 +48,32 @@ class SignatureError(Exception):
 class Verified:
     format: SignatureFormat
     timestamp: int
+    digest: str  # the lower-case hex HMAC that matched
     # Position in HATCHED_WEBHOOK_SECRETS of the secret that matched (never the secret): during
     # a rotation the metric of it shows when the old one stops being used.
     secret_index: int = 0
+
+    def replay_key(self) -> bytes:
+        """What identifies this signed attempt whatever its unsigned headers say; the same in
+        both formats, which sign the same message."""
+        return hashlib.sha256(f"{self.timestamp}.{self.digest}".encode("ascii")).digest()
+
+
+def ambiguous_header(raw_headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """The name of a significant header sent more than once (or of the second signature
+    scheme), or None. `raw_headers` is the ASGI list, names in lower case."""
+    seen: set[bytes] = set()
+    for name, _ in raw_headers:
+        if name in _SIGNIFICANT_BYTES:
+            if name in seen:
+                return name.decode("latin-1")
+            seen.add(name)
+    if V2_SIGNATURE.encode() in seen and V1_SIGNATURE.encode() in seen:
+        return V1_SIGNATURE
+    return None
+
+
+_SIGNIFICANT_BYTES = frozenset(name.encode("latin-1") for name in SIGNIFICANT_HEADERS)
 
 
 def sign(body: bytes, secret: str, timestamp: int) -> str:
@@ -80,7 +115,7 @@ def verify(
         fmt = "v1"
         timestamp, candidates = _parse_v1(v1_signature)
 
-    matched: int | None = None
+    matched: tuple[int, str] | None = None
     for index, secret in enumerate(secrets):
         # An empty secret is a configuration slip; HMAC with an empty key is forgeable by anyone.
         if not secret:
@@ -88,7 +123,7 @@ def verify(
         expected = sign(body, secret, timestamp)
         for candidate in candidates:
             if hmac.compare_digest(expected, candidate) and matched is None:
-                matched = index
+                matched = index, expected
     if matched is None:
         raise SignatureError("invalid_signature", "signature does not match any configured secret")
 
@@ -98,7 +133,7 @@ def verify(
             "stale_timestamp",
             f"timestamp {timestamp} is more than {tolerance_s}s away from now ({int(now)})",
         )
-    return Verified(format=fmt, timestamp=timestamp, secret_index=matched)
+    return Verified(format=fmt, timestamp=timestamp, digest=matched[1], secret_index=matched[0])
 
 
 def _parse_timestamp(raw: str | None) -> int:

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 from starlette.requests import Request
 from starlette.responses import Response
 
+# Ids that can stand in a header as they are. Any other (non-latin-1, a quote, a comma that
+# would split If-None-Match) is represented by a hash of it: the ETag stays header-safe.
+_HEADER_SAFE = re.compile(r"[A-Za-z0-9._~:@+\-]+")
+
 
 def etag(buddy_id: str, version: int) -> str:
+    if _HEADER_SAFE.fullmatch(buddy_id) is None:
+        buddy_id = "h-" + hashlib.sha256(buddy_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     return f'"{buddy_id}.{version}"'
 
 

@@ -42,7 +42,7 @@ async def create_user_token(request: Request) -> Response:
             "User tokens not configured",
             "set MIRROR_USER_TOKEN_SECRETS to mint user tokens",
         )
-    raw = await read_body(request, MAX_BODY)
+    raw = await read_body(request, MAX_BODY, settings.body_timeout_s)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:

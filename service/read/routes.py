@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
@@ -17,6 +18,7 @@ from starlette.responses import Response
 from service import erasure, store
 from service.apply.projector import Buddy, iso, public_view
 from service.auth.bearer import require_reader, require_token
+from service.ids import MAX_ID_CHARS, is_valid_id
 from service.ingest.events import DELIVERY_STATUSES
 from service.problems import (
     Problem,
@@ -49,13 +51,31 @@ def _admin(request: Request) -> AppState:
     return state
 
 
+# ASCII digits only: `str.isdigit` and `int()` also take "²" or "٣", and no client means them.
+_INTEGER = re.compile(r"[0-9]{1,6}")
+# The longest cursor this API issues is well under this; decoding more is wasted work.
+MAX_CURSOR_CHARS = 1024
+_BIGINT_MAX = 2**63 - 1
+
+
 def _limit(request: Request) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
         return DEFAULT_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    if not _INTEGER.fullmatch(raw) or not 1 <= int(raw) <= MAX_LIMIT:
         raise invalid_parameter("limit", f"must be an integer from 1 to {MAX_LIMIT}")
     return int(raw)
+
+
+def _path_id(request: Request, name: str) -> str:
+    """A path id, or 400 when it breaks the id rule (service/ids.py): nothing stored can have
+    it, and a NUL or an over-long value must not reach Postgres or a header."""
+    value: str = request.path_params[name]
+    if not is_valid_id(value):
+        raise invalid_parameter(
+            name, f"must be 1 to {MAX_ID_CHARS} printable characters (no NUL or control)"
+        )
+    return value
 
 
 def _text(request: Request, name: str) -> str | None:
@@ -72,20 +92,42 @@ def encode_cursor(key: list[Any]) -> str:
 
 
 def _cursor(request: Request, shape: tuple[type, ...]) -> list[Any] | None:
+    """The decoded cursor, each member checked against `shape`: `str` (an id), `int` (a seq)
+    or `datetime` (an ISO time with an offset, as this API writes them)."""
     raw = request.query_params.get("cursor")
     if raw is None:
         return None
-    try:
-        key = orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-    except (binascii.Error, orjson.JSONDecodeError, ValueError):
-        key = None
+    key: Any = None
+    if len(raw) <= MAX_CURSOR_CHARS:
+        try:
+            key = orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+        except (binascii.Error, orjson.JSONDecodeError, ValueError):
+            key = None
     if not isinstance(key, list) or len(key) != len(shape):
-        raise Problem(400, "invalid_cursor", "Invalid cursor", "`cursor`: not one this API issued")
-    if not all(
-        isinstance(v, t) and not isinstance(v, bool) for v, t in zip(key, shape, strict=True)
-    ):
-        raise Problem(400, "invalid_cursor", "Invalid cursor", "`cursor`: not one this API issued")
-    return key
+        raise _invalid_cursor()
+    out: list[Any] = []
+    for value, kind in zip(key, shape, strict=True):
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            if not 0 <= value <= _BIGINT_MAX:
+                raise _invalid_cursor()
+        elif kind is str and isinstance(value, str):
+            if not is_valid_id(value):
+                raise _invalid_cursor()
+        elif kind is datetime and isinstance(value, str):
+            try:
+                value = datetime.fromisoformat(value)
+            except ValueError:
+                raise _invalid_cursor() from None
+            if value.tzinfo is None:
+                raise _invalid_cursor()
+        else:
+            raise _invalid_cursor()
+        out.append(value)
+    return out
+
+
+def _invalid_cursor() -> Problem:
+    return Problem(400, "invalid_cursor", "Invalid cursor", "`cursor`: not one this API issued")
 
 
 def _page(
@@ -121,7 +163,7 @@ def _buddy_response(request: Request, found: tuple[Buddy, int, datetime]) -> Res
 
 async def get_buddy(request: Request) -> Response:
     state = _reader(request)
-    buddy_id = request.path_params["buddy_id"]
+    buddy_id = _path_id(request, "buddy_id")
     cache = state.broadcaster.cache
     live = cache.enabled and state.broadcaster.connected.is_set()
     if live and (hit := cache.get(buddy_id)) is not None:
@@ -154,7 +196,7 @@ async def list_buddies(request: Request) -> Response:
 
 async def user_buddy(request: Request) -> Response:
     state = _reader(request)
-    user_id = request.path_params["user_id"]
+    user_id = _path_id(request, "user_id")
     found = await store.user_buddy(state.pool, user_id, _text(request, "audience"))
     if found is None:
         raise buddy_not_found(f"no buddy mirrored for user {user_id!r}")
@@ -168,12 +210,12 @@ async def _require_buddy(state: AppState, buddy_id: str) -> None:
 
 async def ledger(request: Request) -> Response:
     state = _reader(request)
-    buddy_id = request.path_params["buddy_id"]
+    buddy_id = _path_id(request, "buddy_id")
     limit = _limit(request)
-    cursor = _cursor(request, (str, int))
+    cursor = _cursor(request, (datetime, int))
     currency = _text(request, "currency")
     await _require_buddy(state, buddy_id)
-    before = (datetime.fromisoformat(cursor[0]), cursor[1]) if cursor else None
+    before = (cursor[0], cursor[1]) if cursor else None
     rows = await store.list_ledger(
         state.pool, buddy_id, currency=currency, before=before, limit=limit + 1
     )
@@ -201,7 +243,7 @@ def _iso_or_none(value: datetime | None) -> str | None:
 
 async def events(request: Request) -> Response:
     state = _reader(request)
-    buddy_id = request.path_params["buddy_id"]
+    buddy_id = _path_id(request, "buddy_id")
     limit = _limit(request)
     cursor = _cursor(request, (int,))
     await _require_buddy(state, buddy_id)
@@ -244,7 +286,7 @@ async def list_deliveries(request: Request) -> Response:
 
 async def replay_delivery(request: Request) -> Response:
     state = _admin(request)
-    delivery_id = request.path_params["delivery_id"]
+    delivery_id = _path_id(request, "delivery_id")
     requeued = await store.requeue(state.pool, delivery_ids=[delivery_id])
     if not requeued:
         raise Problem(
@@ -256,7 +298,7 @@ async def replay_delivery(request: Request) -> Response:
 
 async def refresh_buddy(request: Request) -> Response:
     state = _admin(request)
-    buddy_id = request.path_params["buddy_id"]
+    buddy_id = _path_id(request, "buddy_id")
     if not state.settings.hatched_api_enabled:
         raise Problem(
             409,
@@ -290,7 +332,7 @@ async def forget_user(request: Request) -> Response:
 async def stream_buddy(request: Request) -> Response:
     """SSE: the full buddy now (once it exists), then again each time it changes."""
     state = _reader(request)
-    buddy_id = request.path_params["buddy_id"]
+    buddy_id = _path_id(request, "buddy_id")
     broadcaster = state.broadcaster
     if broadcaster.clients >= state.settings.stream_max_clients:
         raise too_many_streams()

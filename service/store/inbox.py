@@ -33,6 +33,8 @@ class NewDelivery:
     body: bytes
     status: str
     reason: str | None
+    # sha256 of the webhook's "{timestamp}.{hmac}" (None for REST snapshots): the replay key.
+    signature: bytes | None = None
 
     def row(self) -> tuple[object, ...]:
         """Its columns in INSERT_DELIVERIES's order, the headers as JSON text."""
@@ -49,6 +51,7 @@ class NewDelivery:
             self.body,
             self.status,
             self.reason,
+            self.signature,
         )
 
 
@@ -59,11 +62,14 @@ async def insert_delivery(conn: Executor, d: NewDelivery) -> Stored:
 
 # The raw delivery and its state row in one statement: both or neither. Only rows that were
 # new (not an ON CONFLICT skip) get a state row, joined back by their delivery id, which the
-# caller made unique within the batch. A delivery for an erased buddy (its keyed hash has a
-# tombstone, sql/0011_erasure.sql) is not stored at all: it only counts a hit on the tombstone.
-# That probe is one primary-key lookup per distinct buddy of the batch, in the same statement.
-# The HMAC (two sha256 calls, about 20 us a delivery on the bench machine, a third of the
-# statement's time for a batch of 256) is skipped while no buddy was ever erased.
+# caller made unique within the batch.
+# - A delivery for an erased buddy (its keyed hash has a tombstone, sql/0011_erasure.sql) is
+#   not stored at all: it only counts a hit on the tombstone. That probe is one primary-key
+#   lookup per distinct buddy of the batch. The HMAC (two sha256 calls, about 20 us a delivery
+#   on the bench machine, a third of the statement's time for a batch of 256) is skipped while
+#   no buddy was ever erased.
+# - A row whose signature is already stored (a replay, sql/0013) is skipped like a known
+#   delivery id; the caller made signatures unique within the batch too.
 INSERT_DELIVERIES = """
 WITH x AS (
     SELECT x.*,
@@ -72,17 +78,25 @@ WITH x AS (
                                   (SELECT outer_pad FROM erasure_key)) END AS hash
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
                 $7::timestamptz[], $8::timestamptz[], $9::text[], $10::bytea[],
-                $11::text[], $12::text[]) AS x(d, f, t, e, b, s, o, sa, h, body, st, r)
+                $11::text[], $12::text[], $13::bytea[])
+         AS x(d, f, t, e, b, s, o, sa, h, body, st, r, sig)
 ), forgotten AS (
     UPDATE tombstones AS t SET hits = t.hits + y.n, last_hit_at = now()
     FROM (SELECT hash, count(*) AS n FROM x WHERE hash IS NOT NULL GROUP BY hash) AS y
     WHERE t.buddy_hash = y.hash
     RETURNING t.buddy_hash
+), kept AS (
+    SELECT * FROM x WHERE x.hash IS NULL OR x.hash NOT IN (SELECT buddy_hash FROM forgotten)
+), sigs AS (
+    INSERT INTO delivery_signatures (signature, signed_at)
+    SELECT sig, sa FROM kept WHERE sig IS NOT NULL
+    ON CONFLICT (signature) DO NOTHING
+    RETURNING signature
 ), stored AS (
     INSERT INTO deliveries (delivery_id, format, event_type, event_id, buddy_id, shard,
                             occurred_at, signed_at, headers, body)
-    SELECT d, f, t, e, b, s, o, sa, h::jsonb, body FROM x
-    WHERE x.hash IS NULL OR x.hash NOT IN (SELECT buddy_hash FROM forgotten)
+    SELECT d, f, t, e, b, s, o, sa, h::jsonb, body FROM kept
+    WHERE kept.sig IS NULL OR kept.sig IN (SELECT signature FROM sigs)
     ON CONFLICT (delivery_id) DO NOTHING
     RETURNING delivery_id, seq, shard, event_id
 ), states AS (
@@ -96,21 +110,26 @@ UNION ALL
 SELECT x.d, NULL FROM x JOIN forgotten ON forgotten.buddy_hash = x.hash
 """
 
-# What storing a delivery came to: its seq, None when its id was stored before, or FORGOTTEN
-# when its buddy was erased (nothing stored).
+# What storing a delivery came to: its seq, None when its id (or its signature: a replay) was
+# stored before, or FORGOTTEN when its buddy was erased (nothing stored).
 FORGOTTEN: Final = "forgotten"
 Stored = int | None | Literal["forgotten"]
 
 
 async def insert_deliveries(conn: Executor, batch: Sequence[NewDelivery]) -> list[Stored]:
     """Store many deliveries in one statement; for each, its seq, None if already stored (a
-    delivery id repeated inside the batch counts as stored by its first occurrence), or
-    FORGOTTEN if its buddy was erased."""
+    delivery id or signature repeated inside the batch counts as stored by its first
+    occurrence), or FORGOTTEN if its buddy was erased."""
     first: dict[str, NewDelivery] = {}
+    signatures: set[bytes] = set()
     for d in batch:
-        first.setdefault(d.delivery_id, d)
+        if d.delivery_id in first or (d.signature is not None and d.signature in signatures):
+            continue
+        first[d.delivery_id] = d
+        if d.signature is not None:
+            signatures.add(d.signature)
     rows = list(first.values())
-    columns: list[list[object]] = [[] for _ in range(12)]
+    columns: list[list[object]] = [[] for _ in range(13)]
     for d in rows:
         values = d.row()
         for column, value in zip(columns, values, strict=True):
@@ -120,12 +139,24 @@ async def insert_deliveries(conn: Executor, batch: Sequence[NewDelivery]) -> lis
         stored[r["delivery_id"]] = r["seq"] if r["seq"] is not None else FORGOTTEN
     out: list[Stored] = []
     for d in batch:
-        outcome = stored.pop(d.delivery_id, None)
-        # A repeat of a forgotten id inside the batch is forgotten too, not a duplicate.
-        if outcome == FORGOTTEN:
-            stored[d.delivery_id] = FORGOTTEN
+        outcome = stored.get(d.delivery_id)
+        if first.get(d.delivery_id) is not d:
+            # A repeat inside the batch: a duplicate, but forgotten with a forgotten first.
+            outcome = FORGOTTEN if outcome == FORGOTTEN else None
         out.append(outcome)
     return out
+
+
+PRUNE_SIGNATURES = """
+DELETE FROM delivery_signatures WHERE signed_at < now() - make_interval(secs => $1)
+"""
+
+
+async def prune_signatures(conn: Executor, older_than_s: float) -> int:
+    """Forget signatures that can no longer pass the timestamp check (they are refused as
+    stale before any lookup)."""
+    result = await conn.execute(PRUNE_SIGNATURES, older_than_s)
+    return int(result.split()[-1])
 
 
 # A delivery the worker may apply now: pending, and not backing off after a failed attempt.

@@ -330,6 +330,37 @@ async def test_failed_and_timed_out_hatches_are_reported_then_retried(
         assert (await row(jobs.pool))["error"]["code"] == "hatch_timeout"
 
 
+async def test_a_retry_after_hatch_timeout_adopts_the_running_hatch(
+    http: httpx.AsyncClient,
+    fake: FakeHatched,
+    boot_settings: Settings,
+    jobs: Jobs,
+) -> None:
+    """A hatch slower than MIRROR_BOOTSTRAP_POLL_MAX_S is still running at Hatched: the next
+    call resumes it (and the egg it hatches) instead of asking for a second egg."""
+    settings = with_knobs(boot_settings, poll_after_s=0, poll_max_s=30)
+    fake.hatch_delay_s = 3600
+    first = expect_202(await start(http))
+    await jobs.pool.execute(
+        "UPDATE bootstraps SET hatch_started_at = now() - interval '1 minute' WHERE user_id = $1",
+        USER,
+    )
+    async with jobs.hatched() as api:
+        ctx = jobs.ctx(settings, api)
+        assert await bootstrap_jobs.poll_operation(ctx, USER, "") == "failed"
+        assert (await row(jobs.pool))["error"]["code"] == "hatch_timeout"
+
+        second = expect_202(await start(http))
+        assert second.operation_id == first.operation_id
+        assert len(fake.eggs) == 1 and fake.calls["POST /eggs/{egg_id}/hatch"] == 1
+        assert (await row(jobs.pool))["status"] == "hatching"
+
+        # It ends the usual way: the polled operation's buddy is mirrored.
+        fake.settle()
+        assert await bootstrap_jobs.poll_operation(ctx, USER, "") == "mirroring"
+    assert len(fake.eggs) == 1 and len(fake.buddies) == 1
+
+
 # --- the user stream -----------------------------------------------------------------------
 
 

@@ -380,7 +380,7 @@ def test_dev_then_send_test_event_shows_the_buddy(dev_process: str, tmp_path: Pa
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("202")
     deadline = time.monotonic() + 10
-    headers = {"Authorization": "Bearer dev-api-token"}
+    headers = {"Authorization": "Bearer dev-api-token-local"}
     while True:
         response = httpx.get(f"{dev_process}/v1/buddies/buddy_dev_1", headers=headers)
         if response.status_code == 200 or time.monotonic() > deadline:

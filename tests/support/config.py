@@ -15,7 +15,7 @@ from service.config import Settings
 
 SECRET = "whsec_test_fixture_secret"
 SECOND_SECRET = "whsec_second_during_rotation"
-API_TOKEN = "test-api-token"
+API_TOKEN = "test-api-token-0001"
 ADMIN_TOKEN = "test-admin-token"
 # Fixtures were signed at this time; tests that replay them as recorded pin `now` to it.
 FIXTURE_TIME = 1776853800

@@ -344,7 +344,10 @@ class FakeHatched:
             mine = [
                 e
                 for e in self.eggs.values()
-                if e["user_id"] == user_id and e["audience"] == audience and e["status"] != "failed"
+                # As Hatched does: never an egg that is hatching (nor a failed one).
+                if e["user_id"] == user_id
+                and e["audience"] == audience
+                and e["status"] not in ("failed", "hatching")
             ]
             if mine:
                 return self._object(dict(mine[-1]))

@@ -1,0 +1,125 @@
+"""The HTTP server's own limits: uvicorn's httptools protocol, bounded the way a bare `serve`
+needs.
+
+`serve` may be exposed without a proxy in front, so the service bounds what uvicorn leaves
+open. httptools (uvicorn's fast parser) buffers a header until it is complete, however long,
+and has no limit of its own (a 64 MB header took 5.7 s and hundreds of MB). uvicorn's h11
+parser has one, but measured on the receiver benchmark it cost a third or more of the
+throughput. So this protocol keeps httptools and measures the request head itself:
+
+- a head (request line and headers, up to its blank line) must end within
+  `h11_max_incomplete_event_size` bytes (MIRROR_MAX_HEADER_BYTES) of where it began, else
+  `431` as problem+json, and the connection is closed before the parser holds more;
+- every connection gets `timeout_keep_alive` seconds (MIRROR_KEEPALIVE_TIMEOUT_S) to deliver
+  a complete head, from when it opens and again after each response: uvicorn arms its
+  keep-alive timer only after a response and disarms it at the first byte, so a connection
+  that sends nothing, or a header a byte at a time, would stay open for good;
+- a connection answered before its request body was in (`413`, `408`) gets the same time to
+  finish sending it, then is closed;
+- a request httptools cannot parse is a `400` problem+json (uvicorn answers plain text).
+
+The body is bounded by the receiver itself (size and MIRROR_BODY_TIMEOUT_S), connections per
+process by uvicorn's `limit_concurrency` (MIRROR_MAX_CONNECTIONS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from service.problems import PROBLEM_TYPE
+
+_TOO_LARGE = "Request header fields too large"
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # uvicorn always passes a size (its default is h11's, 16 KB).
+        self._max_head = self.config.h11_max_incomplete_event_size or 16 * 1024
+        self._in_head = True
+        self._head_bytes = 0
+        self._heads = 0  # heads completed so far: tells whether one ended within a chunk
+        self._tail = b""  # the last bytes of the head so far: its blank line may straddle chunks
+        self._head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            return
+        if self._in_head:
+            room = max(self._max_head - self._head_bytes, 0)
+            if len(data) > room and b"\r\n\r\n" not in self._tail + data[: room + 4]:
+                _send_problem(self.transport, 431, "header_too_large", _TOO_LARGE)
+                return
+        heads = self._heads
+        super().data_received(data)
+        if self._in_head and heads == self._heads:
+            self._head_bytes += len(data)
+            self._tail = (self._tail + data)[-3:]
+
+    def on_headers_complete(self) -> None:
+        self._in_head, self._head_bytes, self._tail = False, 0, b""
+        self._heads += 1
+        self._cancel_head_deadline()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head = True
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            # Also when the answer came before the request's body was in (413, 408): the rest
+            # of it must arrive within the same time, so a client trickling it cannot keep the
+            # connection. (Closing at once would reset a client still sending: it could lose
+            # the answer.)
+            self._arm_head_deadline()
+
+    def send_400_response(self, msg: str) -> None:
+        _send_problem(self.transport, 400, "bad_request", "Invalid HTTP request")
+
+    def _arm_head_deadline(self) -> None:
+        self._cancel_head_deadline()
+        self._head_deadline = self.loop.call_later(self.timeout_keep_alive, self._head_too_slow)
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def _send_problem(transport: asyncio.Transport, status: int, code: str, title: str) -> None:
+    body = orjson.dumps(
+        {
+            "type": PROBLEM_TYPE + code,
+            "title": title,
+            "status": status,
+            "detail": title,
+            "code": code,
+        }
+    )
+    head = (
+        f"HTTP/1.1 {status} {title}\r\n"
+        "content-type: application/problem+json\r\n"
+        f"content-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    )
+    transport.write(head.encode("ascii") + body)
+    transport.close()
