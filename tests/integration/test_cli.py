@@ -8,8 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -19,6 +18,7 @@ from service import store
 from service.apply.replay import requeue
 from service.config import Settings
 from tests.support.config import API_TOKEN, SECRET
+from tests.support.databases import scratch_database
 from tests.support.harness import run_command, service_env
 from tests.support.running import running_worker, wait_settled
 
@@ -62,22 +62,6 @@ def test_refuses_to_start_half_configured(
     )
     assert result.returncode != 0
     assert named in result.stderr
-
-
-@asynccontextmanager
-async def scratch_database(database_url: str) -> AsyncIterator[str]:
-    """An empty database of its own, dropped afterwards; yields its DSN."""
-    # Unbounded: CREATE and DROP DATABASE force a checkpoint, which on a busy machine outlasts
-    # the statement limit some tests lower on purpose.
-    admin = await store.create_pool(database_url, size=1, timeout_s=10, bounded=False)
-    name = f"hm_migrate_{os.getpid()}"
-    await admin.execute(f"DROP DATABASE IF EXISTS {name}")
-    await admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield database_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.close()
 
 
 def sql_upto(root: Path, last: str) -> Path:

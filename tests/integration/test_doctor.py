@@ -5,18 +5,16 @@ secrets), and the command's exit status."""
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import pytest
 
 from service import doctor
 from service.app import create_app
 from service.config import Settings
 from tests.support.config import make_settings
+from tests.support.databases import scratch_database
 from tests.support.fake_hatched import FakeHatched
 from tests.support.harness import free_port, run_command, service_env
 from tests.support.running import serving
@@ -59,14 +57,8 @@ async def test_postgres_unreachable(settings: Settings) -> None:
 
 @pytest.fixture
 async def empty_database(database_url: str) -> AsyncIterator[str]:
-    name = f"hm_doctor_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(database_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield urlunsplit(urlsplit(database_url)._replace(path=f"/{name}"))
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with scratch_database(database_url, "hm_doctor") as dsn:
+        yield dsn
 
 
 async def test_migrations_not_applied(empty_database: str, redis_url: str) -> None:

@@ -9,7 +9,6 @@ import hmac
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -31,7 +30,7 @@ from service.hatched.remote import RemoteBuddy
 from service.ingest.signatures import signature_headers
 from service.ingest.wakeups import redis_settings
 from tests.support.config import ADMIN_TOKEN, API_TOKEN, SECRET, make_settings
-from tests.support.fake_hatched import FakeHatched, buddy_json, serve_fake
+from tests.support.fake_hatched import FakeHatched, buddy_json
 from tests.support.harness import Process, run_command, serve, service_env
 from tests.support.running import running_worker, serving, wait_settled
 
@@ -197,22 +196,6 @@ def tombstone_of(ipad: bytes, buddy_id: str) -> bytes:
 # --- fixtures --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def http(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    async with (
-        serving(create_app(settings)) as url,
-        httpx.AsyncClient(base_url=url, timeout=15) as client,
-    ):
-        yield client
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[tuple[FakeHatched, str]]:
-    world = FakeHatched()
-    async with serve_fake(world) as url:
-        yield world, url
-
-
 async def seed(http: httpx.AsyncClient, db: store.Pool, *users: User) -> None:
     for user in users:
         assert {r.status_code for r in await post_all(http, history(user))} == {202}
@@ -368,9 +351,10 @@ async def test_refresh_reconcile_and_backfill_of_an_erased_buddy_change_nothing(
     redis_url: str,
     db: store.Pool,
     redis: aioredis.Redis,
-    fake: tuple[FakeHatched, str],
+    fake: FakeHatched,
+    fake_url: str,
 ) -> None:
-    world, url = fake
+    world, url = fake, fake_url
     settings = make_settings(
         migrated,
         redis_url,
@@ -442,9 +426,10 @@ async def test_a_later_bootstrap_of_the_user_is_a_new_sign_up(
     redis_url: str,
     db: store.Pool,
     redis: aioredis.Redis,
-    fake: tuple[FakeHatched, str],
+    fake: FakeHatched,
+    fake_url: str,
 ) -> None:
-    world, url = fake
+    world, url = fake, fake_url
     world.hatch_delay_s = 0.1
     settings = make_settings(
         migrated, redis_url, HATCHED_API_URL=url, HATCHED_API_KEY=world.api_key

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.support.config import ADMIN_TOKEN, API_TOKEN, SECRET
-from tests.support.harness import free_port
+from tests.support.harness import free_port, wait_for_http
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,15 +68,11 @@ def test_image_migrates_and_serves(migrated: str, redis_url: str) -> None:
             capture_output=True,
         )
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, "serve in the image never became ready"
-                time.sleep(0.5)
+            wait_for_http(
+                f"http://127.0.0.1:{port}/readyz",
+                within=60,
+                why=lambda: "serve in the image never became ready",
+            )
         finally:
             stopped = subprocess.run([cli, "stop", "-t", "30", name], capture_output=True)
             assert stopped.returncode == 0

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from tests.support.harness import Process, free_port, service_env
-from tests.support.tools import require_tool
+from tests.support.tools import kubectl_kustomize
 
 yaml: Any = importlib.import_module("yaml")
 
@@ -34,18 +34,9 @@ PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 Doc = dict[str, Any]
 
 
-def render(folder: Path) -> list[Doc]:
-    kubectl = require_tool("kubectl")
-    result = subprocess.run(
-        [kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    return [d for d in yaml.safe_load_all(result.stdout) if d is not None]
-
-
 @pytest.fixture(scope="module")
 def rendered() -> list[Doc]:
-    return render(OVERLAY)
+    return kubectl_kustomize(OVERLAY)
 
 
 def pod_spec(workload: Doc) -> Doc:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.support.harness import Process, free_port, service_env
+from tests.support.harness import Process, free_port, service_env, wait_for_http
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -20,15 +18,7 @@ def test_serve_exits_0_after_a_graceful_stop(
     log = tmp_path / "serve.log"
     args = ["serve", "--host", "127.0.0.1", "--port", str(port)]
     process = Process(args, service_env(migrated, redis_url), log).start()
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz/inbox", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.1)
+    wait_for_http(f"http://127.0.0.1:{port}/readyz/inbox", why=log.read_text)
     code = process.kill(sig, timeout=30)
     text = log.read_text()
     assert "Finished server process" in text, text  # the shutdown ran to its end

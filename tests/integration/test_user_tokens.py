@@ -27,7 +27,7 @@ from service.dev.samples import build_delivery
 from service.read.schemas import BuddyOut, BuddyPage, ProblemOut, UserTokenOut
 from tests.support.config import ADMIN_TOKEN, API_TOKEN, SECRET, make_settings
 from tests.support.fake_hatched import DEFAULT_API_KEY, FakeHatched, buddy_json, serve_fake
-from tests.support.harness import Process, free_port, serve, service_env
+from tests.support.harness import Process, free_port, serve, service_env, wait_for_http
 from tests.support.running import running_worker, serving, wait_settled
 
 # 64 bytes: long enough for HS384 too, so PyJWT does not warn about the key when a test signs
@@ -583,14 +583,11 @@ def test_dev_prints_a_user_token_and_its_access_log_never_shows_one(
         assert printed is not None
         demo_token = printed.group(1)
         assert jwt.decode(demo_token, options={"verify_signature": False})["sub"] == "demo_user_1"
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
+        wait_for_http(
+            f"{url}/healthz",
+            within=max(0.0, deadline - time.monotonic()),
+            why=lambda: log.read_text()[-3000:],
+        )
         answer = httpx.get(f"{url}/v1/users/demo_user_1/buddy", headers=bearer(demo_token))
         assert answer.status_code == 404 and answer.json()["code"] == "buddy_not_found"
         with httpx.stream(

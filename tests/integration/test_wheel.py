@@ -15,13 +15,12 @@ import uuid
 import zipfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import httpx
 import pytest
 
 from tests.support.config import API_TOKEN
+from tests.support.databases import scratch_database as new_database
 from tests.support.harness import free_port, service_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,16 +64,8 @@ def test_sdist_carries_migrations_demo_page_and_license(dist: dict[str, Path]) -
 
 @pytest.fixture
 async def scratch_database(database_url: str) -> AsyncIterator[str]:
-    """A database of its own: the wheel's `migrate` must create the whole schema itself."""
-    name = f"hm_wheel_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(database_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        parts = urlsplit(database_url)
-        yield urlunsplit(parts._replace(path=f"/{name}"))
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with new_database(database_url, "hm_wheel") as dsn:
+        yield dsn
 
 
 @pytest.fixture(scope="module")

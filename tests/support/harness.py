@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -94,22 +94,37 @@ async def run_command(env: dict[str, str], *args: str) -> subprocess.CompletedPr
     )
 
 
+def wait_for_http(
+    url: str,
+    *,
+    within: float = 30.0,
+    gone: Callable[[], bool] = lambda: False,
+    why: Callable[[], str] = lambda: "",
+) -> None:
+    """Until `url` answers 200; fails after `within` seconds, or as soon as `gone()` says the
+    process behind it ended, with `why()` (a log tail) in the message."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if gone() or time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer 200:\n{why()}")
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def serve(env: dict[str, str], log: Path) -> Iterator[str]:
     port = free_port()
     process = Process(["serve", "--host", "127.0.0.1", "--port", str(port)], env, log).start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert process.proc is not None
-        if process.proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"serve did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.1)
+    assert process.proc is not None
+    proc = process.proc
+    wait_for_http(
+        f"{url}/healthz", gone=lambda: proc.poll() is not None, why=lambda: log.read_text()[-3000:]
+    )
     try:
         yield url
     finally:

@@ -6,13 +6,18 @@ since .ci/run installs every one of them and a skip there would hide a check tha
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
+
+# PyYAML (kubernetes-validate brings it) ships no type stubs.
+yaml: Any = importlib.import_module("yaml")
 
 
 def in_ci() -> bool:
@@ -35,3 +40,13 @@ def require_tool(name: str, *candidates: str) -> str:
     if found is None:
         missing(f"{name} is not installed")
     return found
+
+
+def kubectl_kustomize(folder: Path) -> list[dict[str, Any]]:
+    """The objects `kubectl kustomize folder` renders, as an operator's `kubectl apply -k` would."""
+    kubectl = require_tool("kubectl")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d is not None]

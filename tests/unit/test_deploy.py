@@ -28,7 +28,7 @@ from packaging.utils import canonicalize_name
 from service import metrics
 from service.apply import worker as worker_module
 from service.config import Settings
-from tests.support.tools import require_tool
+from tests.support.tools import kubectl_kustomize, require_tool
 
 # PyYAML comes with uvicorn[standard]; imported this way so mypy needs no types-PyYAML stubs.
 yaml: Any = importlib.import_module("yaml")
@@ -124,15 +124,6 @@ def main_container(workload: Doc) -> Doc:
 
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(key) == value for key, value in selector.items())
-
-
-def kubectl_kustomize(folder: Path) -> list[Doc]:
-    kubectl = require_tool("kubectl")
-    result = subprocess.run(
-        [kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    return [d for d in yaml.safe_load_all(result.stdout) if d is not None]
 
 
 # --- every file parses; every kustomization points at files that exist -------------------------
