@@ -63,24 +63,46 @@ def make_user(label: str, buddies: int = 2) -> User:
     return user
 
 
-def history(user: User) -> list[Delivery]:
-    """Hatch (v2 and v1 alternately), earn coins and a token, evolve: the user's past."""
+def history(user: User, timestamp: int | None = None) -> list[Delivery]:
+    """Hatch (v2 and v1 alternately), earn coins and a token, evolve: the user's past, signed
+    at `timestamp` (now by default)."""
     out = []
     for i, buddy_id in enumerate(user.buddy_ids):
         fmt: Any = "v2" if i % 2 == 0 else "v1"
         data = {"user_id": user.user_id, "name": user.names[i], "image_url": user.images[i]}
         out.append(
-            build_delivery("buddy.hatched", fmt, secret=SECRET, buddy_id=buddy_id, data=data)
-        )
-        out.append(
             build_delivery(
-                "coins.earned", fmt, secret=SECRET, buddy_id=buddy_id, data={"amount": 7}
+                "buddy.hatched",
+                fmt,
+                secret=SECRET,
+                timestamp=timestamp,
+                buddy_id=buddy_id,
+                data=data,
             )
         )
-        out.append(build_delivery("token.earned", fmt, secret=SECRET, buddy_id=buddy_id))
         out.append(
             build_delivery(
-                "buddy.evolved", fmt, secret=SECRET, buddy_id=buddy_id, data={"new_stage": 2}
+                "coins.earned",
+                fmt,
+                secret=SECRET,
+                timestamp=timestamp,
+                buddy_id=buddy_id,
+                data={"amount": 7},
+            )
+        )
+        out.append(
+            build_delivery(
+                "token.earned", fmt, secret=SECRET, timestamp=timestamp, buddy_id=buddy_id
+            )
+        )
+        out.append(
+            build_delivery(
+                "buddy.evolved",
+                fmt,
+                secret=SECRET,
+                timestamp=timestamp,
+                buddy_id=buddy_id,
+                data={"new_stage": 2},
             )
         )
     return out
@@ -102,7 +124,11 @@ def resigned(delivery: Delivery) -> Delivery:
 def unmapped(buddy_id: str, user_id: str) -> Delivery:
     """A v2 delivery of a type the mirror does not know: stored as `unmapped` at receipt, so
     no worker ever claims it (only the erasure's inbox lock keeps a racing one out)."""
-    body = orjson.dumps({"buddy_id": buddy_id, "user_id": user_id, "note": "new event type"})
+    # A body of its own: Hatched never sends the same signed bytes twice (a retry is re-signed),
+    # and the receiver answers a repeated signature as a replay.
+    body = orjson.dumps(
+        {"buddy_id": buddy_id, "user_id": user_id, "note": "new event type", "n": uuid.uuid4().hex}
+    )
     headers = {
         "Content-Type": "application/json",
         "X-Hatched-Event": "buddy.befriended",
@@ -221,7 +247,9 @@ async def test_erasure_leaves_nothing_and_nothing_brings_it_back(
     user, other = make_user("gone"), make_user("kept")
     async with running_worker(settings):
         await seed(http, db, user, other)
-    past = history(user)  # recorded, for the late retries below (fresh delivery ids though)
+    # Recorded for the late retries below: as Hatched retries, re-signed (a later timestamp; the
+    # very same signed bytes again would be answered as a replay) and with fresh delivery ids.
+    past = history(user, timestamp=int(time.time()) + 2)
     old_delivery = past[0]
     assert (
         await http.post("/webhooks/hatched", content=old_delivery[1], headers=old_delivery[0])
@@ -500,9 +528,9 @@ async def test_erasure_racing_a_burst_of_deliveries_leaves_nothing(
                 rng.choice(["v1", "v2"]),
                 secret=SECRET,
                 buddy_id=rng.choice(user.buddy_ids),
-                data={"amount": 1, "user_id": user.user_id},
+                data={"amount": 1, "user_id": user.user_id, "sequence": n},
             )
-            for _ in range(60)
+            for n in range(60)
         ]
         burst += [unmapped(rng.choice(user.buddy_ids), user.user_id) for _ in range(40)]
         rng.shuffle(burst)
