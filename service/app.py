@@ -36,6 +36,7 @@ from service.read.cached import CachedBuddyReads
 from service.read.openapi import CURSOR, Endpoint, Param, limit_param, text_param
 from service.read.stream import Broadcaster
 from service.state import AppState
+from service.subscriptions import routes as subscription_routes
 
 log = structlog.get_logger(__name__)
 
@@ -322,6 +323,7 @@ def endpoints(settings: Settings) -> list[Endpoint]:
             tag="admin",
         ),
     ]
+    admin += subscription_routes.endpoints(settings)
     return read + admin
 
 

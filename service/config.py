@@ -76,6 +76,23 @@ class Settings(BaseSettings):
     keepalive_timeout_s: int = Field(default=5, ge=1, le=600, alias="MIRROR_KEEPALIVE_TIMEOUT_S")
     max_connections: int = Field(default=2048, ge=1, alias="MIRROR_MAX_CONNECTIONS")
     forwarded_allow_ips: str = Field(default="127.0.0.1", alias="MIRROR_FORWARDED_ALLOW_IPS")
+    # Subscriptions (the change feed pushed to internal endpoints; service/subscriptions/).
+    subscriptions_max: int = Field(default=100, ge=0, le=10_000, alias="MIRROR_SUBSCRIPTIONS_MAX")
+    subscription_timeout_s: float = Field(
+        default=10.0, gt=0, le=120, alias="MIRROR_SUBSCRIPTION_TIMEOUT_S"
+    )
+    subscription_max_in_flight: int = Field(
+        default=64, ge=1, le=1000, alias="MIRROR_SUBSCRIPTION_MAX_IN_FLIGHT"
+    )
+    subscription_backoff_s: float = Field(
+        default=1.0, gt=0, le=3600, alias="MIRROR_SUBSCRIPTION_BACKOFF_S"
+    )
+    subscription_backoff_max_s: float = Field(
+        default=600.0, gt=0, le=86_400, alias="MIRROR_SUBSCRIPTION_BACKOFF_MAX_S"
+    )
+    subscription_disable_after_s: float = Field(
+        default=86_400.0, gt=0, alias="MIRROR_SUBSCRIPTION_DISABLE_AFTER_S"
+    )
 
     @field_validator("webhook_secrets", "api_tokens", "admin_tokens", "cors_origins", mode="before")
     @classmethod

@@ -1,4 +1,5 @@
-"""Prometheus metrics. Labels stay low-cardinality: event types are a closed set."""
+"""Prometheus metrics. Labels stay low-cardinality: event types are a closed set, and there are
+at most MIRROR_SUBSCRIPTIONS_MAX subscriptions."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import os
 import time
 import weakref
+from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
 
@@ -22,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import store
 from service.ingest.events import KNOWN_TYPES
+from service.store import subscriptions
 
 # Every HTTP request, by route template ("/v1/buddies/{buddy_id}", or
 # "unmatched" for a path no route serves) and status: rate, errors and latency.
@@ -131,6 +134,37 @@ TOMBSTONE_HITS = Counter(
     ["path"],
 )
 ERASURES = Counter("hatched_erasures_total", "End users erased (DELETE /v1/users/{id}, forget).")
+SUBSCRIPTION_DELIVERIES = Counter(
+    "hatched_subscription_deliveries_total",
+    "Changes POSTed to subscriptions, by outcome (delivered: a 2xx; rejected: any other answer;"
+    " timeout; unreachable).",
+    ["subscription_id", "outcome"],
+)
+SUBSCRIPTION_DELIVERY_LAG = Histogram(
+    "hatched_subscription_delivery_seconds",
+    "From a change's commit to its acknowledgement by the subscription's endpoint.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+)
+# Read at scrape time from Postgres, like the inbox gauges: the same in every process, and
+# still right when no worker runs.
+SUBSCRIPTION_LAG = Gauge(
+    "hatched_subscription_lag_entries",
+    "Feed entries a subscription has not had acknowledged yet.",
+    ["subscription_id"],
+    multiprocess_mode="mostrecent",
+)
+SUBSCRIPTION_LAG_SECONDS = Gauge(
+    "hatched_subscription_lag_seconds",
+    "Age of the oldest feed entry a subscription has not had acknowledged (0: none).",
+    ["subscription_id"],
+    multiprocess_mode="mostrecent",
+)
+SUBSCRIPTIONS = Gauge(
+    "hatched_subscriptions",
+    "Subscriptions by status (active, failing, disabled).",
+    ["status"],
+    multiprocess_mode="mostrecent",
+)
 
 
 def type_label(event_type: str | None) -> str:
@@ -165,7 +199,26 @@ async def refresh_inbox_gauges(
         INBOX_LAG.set(backlog.lag_s)
         INBOX_READY_LAG.set(backlog.ready_lag_s)
         DEAD.set(backlog.dead)
+        await _refresh_subscription_gauges(conn)
         _inbox_refreshed_at = time.monotonic()
+
+
+async def _refresh_subscription_gauges(conn: store.Executor) -> None:
+    rows = await subscriptions.stats(conn)
+    # A deleted subscription's series go; each status is shown, 0 included, for the alerts.
+    SUBSCRIPTION_LAG.clear()
+    SUBSCRIPTION_LAG_SECONDS.clear()
+    counts = dict.fromkeys(("active", "failing", "disabled"), 0)
+    now = datetime.now(UTC)
+    for row in rows:
+        sid = row["subscription_id"]
+        counts[row["status"]] += 1
+        SUBSCRIPTION_LAG.labels(subscription_id=sid).set(row["lag"])
+        oldest = row["oldest_pending_at"]
+        age = (now - oldest).total_seconds() if oldest is not None else 0.0
+        SUBSCRIPTION_LAG_SECONDS.labels(subscription_id=sid).set(max(0.0, age))
+    for status, count in counts.items():
+        SUBSCRIPTIONS.labels(status=status).set(count)
 
 
 def render_latest() -> tuple[bytes, str]:

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from service.config import Settings
     from service.hatched.client import HatchedAPI
     from service.store import Pool
+    from service.subscriptions.sender import Sender
 
 
 class WorkerContext(TypedDict, total=False):
@@ -22,6 +23,7 @@ class WorkerContext(TypedDict, total=False):
     pool: Pool
     limits: ApplyLimits
     hatched: HatchedAPI | None
+    sender: Sender
     # Set when the worker begins a graceful stop: jobs end their batch loop early.
     stopping: bool
     job_try: int

@@ -33,6 +33,7 @@ from service.hatched.errors import BudgetExhausted, HatchedAPIError
 from service.hatched.ratelimit import RedisTokenBucket
 from service.ingest.wakeups import APPLY_JOB, redis_settings, shard_of, wake, wake_key
 from service.store import erasure
+from service.subscriptions.sender import Sender
 
 log = structlog.get_logger(__name__)
 
@@ -60,9 +61,16 @@ async def startup(ctx: WorkerContext) -> None:
             # briefly, then defer the job instead (see refresh_buddy).
             budget_wait_s=1.0,
         )
+    # The change feed pushed to subscriptions: each worker process takes the subscriptions no
+    # other one owns (service/subscriptions/sender.py).
+    ctx["sender"] = Sender(settings)
+    ctx["sender"].start()
 
 
 async def shutdown(ctx: WorkerContext) -> None:
+    sender = ctx.get("sender")
+    if sender is not None:
+        await sender.close()
     hatched = ctx.get("hatched")
     if hatched is not None:
         await hatched.aclose()

@@ -40,7 +40,7 @@ from service.bootstrap.problems import hatched_problem
 from service.hatched.client import HatchedAPI
 from service.hatched.errors import HatchedAPIError
 from service.hatched.remote import RemoteBuddy
-from service.ingest.receiver import read_body
+from service.ingest.receiver import read_json_object
 from service.problems import (
     Problem,
     hatched_api_not_configured,
@@ -96,15 +96,8 @@ def audience_param(value: Any, name: str = "audience") -> str | None:
 
 
 async def json_body(request: Request) -> dict[str, Any]:
-    raw = await read_body(request, MAX_BODY, request.app.state.mirror.settings.body_timeout_s)
-    if not raw.strip():
-        return narrow_body(request, {})
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise invalid_parameter("body", "must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise invalid_parameter("body", "must be a JSON object")
+    timeout_s = request.app.state.mirror.settings.body_timeout_s
+    body = await read_json_object(request, MAX_BODY, timeout_s, empty=True)
     return narrow_body(request, body)
 
 

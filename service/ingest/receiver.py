@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime
+from typing import Any
 
+import orjson
 import structlog
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -15,7 +17,13 @@ from service.ingest.events import parse_delivery
 from service.ingest.inbox import DeliveryRefused
 from service.ingest.signatures import SignatureError, ambiguous_header, verify
 from service.ingest.wakeups import shard_of
-from service.problems import DATABASE_ERRORS, Problem, json_response, unavailable
+from service.problems import (
+    DATABASE_ERRORS,
+    Problem,
+    invalid_parameter,
+    json_response,
+    unavailable,
+)
 from service.state import AppState
 
 log = structlog.get_logger(__name__)
@@ -49,6 +57,23 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
         log.info("client_disconnected", received_bytes=size)
         raise Problem(400, "client_disconnected", "Client disconnected") from None
     return b"".join(chunks)
+
+
+async def read_json_object(
+    request: Request, limit: int, timeout_s: float, *, empty: bool = False
+) -> dict[str, Any]:
+    """A JSON object request body (read as `read_body` does), else `400 invalid_parameter`
+    naming `body`. `empty`: a blank body counts as `{}`."""
+    raw = await read_body(request, limit, timeout_s)
+    if empty and not raw.strip():
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise invalid_parameter("body", "must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise invalid_parameter("body", "must be a JSON object")
+    return body
 
 
 def _too_large(limit: int) -> Problem:

@@ -7,14 +7,13 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
 from service.apply.projector import iso
 from service.auth import user_tokens
 from service.auth.bearer import require_token
-from service.ingest.receiver import read_body
+from service.ingest.receiver import read_json_object
 from service.problems import Problem, invalid_parameter, json_response
 from service.state import AppState
 
@@ -42,13 +41,7 @@ async def create_user_token(request: Request) -> Response:
             "User tokens not configured",
             "set MIRROR_USER_TOKEN_SECRETS to mint user tokens",
         )
-    raw = await read_body(request, MAX_BODY, settings.body_timeout_s)
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise invalid_parameter("body", "must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise invalid_parameter("body", "must be a JSON object")
+    body = await read_json_object(request, MAX_BODY, settings.body_timeout_s)
     user_id = _text(body, "user_id", required=True)
     assert user_id is not None
     audience = _text(body, "audience", required=False)

@@ -45,7 +45,7 @@ def _reader(request: Request) -> AppState:
     return state
 
 
-def _admin(request: Request) -> AppState:
+def admin_state(request: Request) -> AppState:
     state: AppState = request.app.state.mirror
     require_token(request, state.settings.admin_tokens)
     return state
@@ -257,7 +257,7 @@ async def events(request: Request) -> Response:
 
 
 async def list_deliveries(request: Request) -> Response:
-    state = _admin(request)
+    state = admin_state(request)
     limit = _limit(request)
     cursor = _cursor(request, (int,))
     status = request.query_params.get("status")
@@ -285,7 +285,7 @@ async def list_deliveries(request: Request) -> Response:
 
 
 async def replay_delivery(request: Request) -> Response:
-    state = _admin(request)
+    state = admin_state(request)
     delivery_id = _path_id(request, "delivery_id")
     requeued = await store.requeue(state.pool, delivery_ids=[delivery_id])
     if not requeued:
@@ -297,7 +297,7 @@ async def replay_delivery(request: Request) -> Response:
 
 
 async def refresh_buddy(request: Request) -> Response:
-    state = _admin(request)
+    state = admin_state(request)
     buddy_id = _path_id(request, "buddy_id")
     if not state.settings.hatched_api_enabled:
         raise Problem(
@@ -313,7 +313,7 @@ async def refresh_buddy(request: Request) -> Response:
 
 async def forget_user(request: Request) -> Response:
     """Erase the user's buddies and everything derived from them (service/erasure.py)."""
-    state = _admin(request)
+    state = admin_state(request)
     user_id = request.path_params["user_id"]
     if len(user_id) > 256 or "\x00" in user_id:
         raise invalid_parameter("user_id", "must be 1 to 256 characters, without NUL")

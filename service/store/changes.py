@@ -94,24 +94,28 @@ async def feed_bounds(conn: Executor) -> Bounds:
     return Bounds(row["xmin"], Position(row["pruned_txid"], row["pruned_id"]), row["held"])
 
 
-# Keyset over the primary key, or the buddy or user index when one of those filters is given
-# (each plan is made for its parameters: plan_cache_mode = force_custom_plan). Each entry comes
-# back as its JSON text, built by Postgres, which the API passes through as it is: rendering
-# a thousand entries in Python cost more than reading them.
-CHANGES_PAGE = """
-SELECT txid, id, change_id, json_build_object(
+# A `changes` row's change_id (fixed-width hex of txid, id and commit microseconds: see Cursor)
+# and the change's JSON, as the API pages and subscriptions send it. The JSON is built by
+# Postgres and passed through as it is: rendering a thousand entries in Python cost more than
+# reading them.
+CHANGE_ID = """lpad(to_hex(c.txid), 16, '0') || lpad(to_hex(c.id), 16, '0')
+    || lpad(to_hex((extract(epoch FROM c.committed_at) * 1000000)::bigint), 16, '0')"""
+CHANGE_DOC = """json_build_object(
     'change_id', change_id,
     'buddy_id', buddy_id, 'user_id', user_id, 'audience', audience, 'version', version,
     'committed_at', to_char(committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
     'cause', json_build_object('kind', cause_kind, 'delivery_id', delivery_id,
                                'event_type', event_type),
     'changed', changed
-)::text AS doc
+)::text"""
+
+# Keyset over the primary key, or the buddy or user index when one of those filters is given
+# (each plan is made for its parameters: plan_cache_mode = force_custom_plan).
+CHANGES_PAGE = f"""
+SELECT txid, id, change_id, {CHANGE_DOC} AS doc
 FROM (
-    SELECT *, lpad(to_hex(txid), 16, '0') || lpad(to_hex(id), 16, '0')
-              || lpad(to_hex((extract(epoch FROM committed_at) * 1000000)::bigint), 16, '0')
-              AS change_id
-    FROM changes
+    SELECT c.*, {CHANGE_ID} AS change_id
+    FROM changes AS c
     WHERE (txid, id) > ($1, $2) AND txid < $3
       AND ($4::text IS NULL OR buddy_id = $4)
       AND ($5::text IS NULL OR user_id = $5)

@@ -85,6 +85,11 @@ ERASED_TABLES: tuple[tuple[str, str], ...] = (
         " OR cursor = $1::text OR cursor = ANY($2::text[])",
     ),
     (
+        # Also cascaded from `changes`; said here so the list stays the whole story.
+        "subscription_outbox",
+        "DELETE FROM subscription_outbox WHERE buddy_id = ANY($2::text[])",
+    ),
+    (
         "changes",
         "DELETE FROM changes WHERE buddy_id = ANY($2::text[]) OR user_id = $1::text",
     ),

@@ -38,7 +38,7 @@ Delivery = tuple[dict[str, str], bytes]
 
 @pytest.fixture
 async def feed(db: store.Pool) -> store.Pool:
-    await db.execute("TRUNCATE changes RESTART IDENTITY")
+    await db.execute("TRUNCATE changes RESTART IDENTITY CASCADE")
     await db.execute("UPDATE changes_horizon SET txid = 0, id = 0")
     return db
 

@@ -20,9 +20,9 @@ from service.config import Settings
 
 
 @contextlib.asynccontextmanager
-async def serving(app: Starlette) -> AsyncIterator[str]:
-    """A real uvicorn server on a free port, for as long as the block runs."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on")
+async def serving(app: Starlette, port: int = 0) -> AsyncIterator[str]:
+    """A real uvicorn server on `port` (0: a free one), for as long as the block runs."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     deadline = time.monotonic() + 10
