@@ -36,6 +36,8 @@ class Plan:
     upsert_rows: int = 100_000
     fresh_rate: float = 500.0
     fresh_s: float = 60.0
+    sub_rate: float = 1000.0
+    sub_s: float = 30.0
     probe_every: int = 25
     read_s: float = 15.0
     read_conns: int = 32
@@ -45,7 +47,9 @@ class Plan:
     upgrade_rows: int = 20_000_000
 
     def with_duration(self, seconds: float) -> Plan:
-        return replace(self, receiver_s=seconds, ack_s=seconds, fresh_s=seconds, read_s=seconds)
+        return replace(
+            self, receiver_s=seconds, ack_s=seconds, fresh_s=seconds, read_s=seconds, sub_s=seconds
+        )
 
 
 QUICK = Plan(
@@ -61,6 +65,8 @@ QUICK = Plan(
     upsert_rows=2_000,
     fresh_rate=100.0,
     fresh_s=2.0,
+    sub_rate=100.0,
+    sub_s=2.0,
     probe_every=10,
     read_s=1.5,
     read_conns=8,

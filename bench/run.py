@@ -22,7 +22,7 @@ from pathlib import Path
 
 import orjson
 
-from bench import backlog, read, report, scale, scenarios, upgrade
+from bench import backlog, read, report, scale, scenarios, subscription, upgrade
 from bench.common import QUICK, Ctx, Plan
 from bench.report import Section
 
@@ -32,6 +32,7 @@ SCENARIOS: dict[str, Callable[[Ctx], Awaitable[Section]]] = {
     "backlog": backlog.backlog,
     "freshness": scenarios.freshness,
     "read": read.read,
+    "subscription": subscription.subscription,
     "scale": scale.scale,
     "upgrade": upgrade.upgrade,
 }

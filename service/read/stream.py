@@ -22,12 +22,11 @@ from service import store
 from service.apply.projector import public_view
 from service.problems import DATABASE_ERRORS
 from service.read.cache import BuddyCache
+from service.store.erasure import FORGOTTEN_SUFFIX
 
 log = structlog.get_logger(__name__)
 
 
-# The payload suffix of an erasure's NOTIFY (service/store/erasure.py), in place of a version.
-FORGOTTEN_SUFFIX = ":forgotten"
 # Subscribers under this key are woken by every notification (the change-feed streams). A NUL
 # cannot be in a buddy id (Postgres text), so no buddy stream shares it.
 EVERY_CHANGE = "\x00every"

@@ -96,6 +96,10 @@ ERASED_TABLES: tuple[tuple[str, str], ...] = (
     ("buddies", "DELETE FROM buddies WHERE buddy_id = ANY($2::text[])"),
 )
 
+# The payload suffix of an erasure's NOTIFY on the buddies channel (ERASE below), in place of a
+# version (a stream of an erased buddy ends on it: tests/integration/test_erasure.py).
+FORGOTTEN_SUFFIX = ":forgotten"
+
 # All of it as one statement (the parts touch different tables; each sees the rows as they were
 # when the statement began), answering how many rows went from each table, with a tombstone per
 # buddy and NOTIFYs at commit: `<buddy_id>:forgotten` on the buddies channel drops the buddy from

@@ -156,11 +156,21 @@ async def disown(conn: Conn, subscription_id: str) -> None:
     await conn.execute(DISOWN, subscription_id)
 
 
+# A change as the sender holds it, from a FROM item `page` of `changes` columns plus change_id,
+# attempts and due_in_s: its place, buddy, the change's JSON and id exactly as GET /v1/changes
+# has them.
+_PENDING = f"""
+SELECT page.txid, page.id, page.buddy_id, page.committed_at, page.change_id,
+       {CHANGE_DOC} AS doc, page.attempts, page.due_in_s
+"""
+
 # Copy the next visible feed entries past the cursor that the filter keeps into the outbox, and
-# move the cursor past everything scanned, in one statement. Visible: of transactions below the
-# snapshot's xmin, so the cursor never passes an entry that commits later (see
-# service/store/changes.py). `held`: entries past the cursor wait behind an older transaction.
-FILL = """
+# move the cursor past everything scanned, in one statement; answers the entries queued (with
+# their JSON) and, on every row, what was scanned, the cursor after and `held`. Visible: of
+# transactions below the snapshot's xmin, so the cursor never passes an entry that commits
+# later (see service/store/changes.py). `held`: entries past the cursor wait behind an older
+# transaction still running. With nothing queued the answer is one row of nulls and those.
+FILL = f"""
 WITH bound AS (
     SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin
 ),
@@ -176,7 +186,7 @@ queued AS (
     SELECT $1, txid, id, buddy_id FROM scan
     WHERE $4::text[] IS NULL OR changed ?| $4::text[]
     ON CONFLICT DO NOTHING
-    RETURNING 1
+    RETURNING txid, id
 ),
 last AS (
     SELECT txid, id FROM scan ORDER BY txid DESC, id DESC LIMIT 1
@@ -185,20 +195,56 @@ moved AS (
     UPDATE subscriptions AS s SET cursor_txid = l.txid, cursor_id = l.id
     FROM last AS l WHERE s.subscription_id = $1
     RETURNING s.cursor_txid, s.cursor_id
+),
+meta AS (
+    SELECT (SELECT count(*) FROM scan) AS scanned,
+           (SELECT cursor_txid FROM moved) AS cursor_txid,
+           (SELECT cursor_id FROM moved) AS cursor_id,
+           EXISTS (SELECT 1 FROM changes AS c
+                   WHERE (c.txid, c.id) > ($2, $3) AND c.txid >= (SELECT xmin FROM bound)) AS held
 )
-SELECT (SELECT count(*) FROM scan) AS scanned,
-       (SELECT count(*) FROM queued) AS queued,
-       (SELECT cursor_txid FROM moved) AS cursor_txid,
-       (SELECT cursor_id FROM moved) AS cursor_id,
-       EXISTS (SELECT 1 FROM changes AS c
-               WHERE (c.txid, c.id) > ($2, $3) AND c.txid >= (SELECT xmin FROM bound)) AS held
+SELECT meta.*, e.*
+FROM meta LEFT JOIN (
+    {_PENDING}
+    FROM (
+        SELECT c.*, {CHANGE_ID} AS change_id, 0 AS attempts, 0::float8 AS due_in_s
+        FROM queued AS q JOIN changes AS c ON c.txid = q.txid AND c.id = q.id
+    ) AS page
+) AS e ON true
+ORDER BY e.txid, e.id
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """An outbox entry: a change not yet acknowledged by the subscription's endpoint."""
+
+    position: Position
+    buddy_id: str
+    attempts: int
+    # Seconds until it may be sent (a retry's backoff left; 0 or less: now).
+    due_in_s: float
+    committed_at: datetime
+    change_id: str
+    doc: str
+
+
+def _pending(row: asyncpg.Record) -> Pending:
+    return Pending(
+        Position(row["txid"], row["id"]),
+        row["buddy_id"],
+        row["attempts"],
+        row["due_in_s"],
+        row["committed_at"],
+        row["change_id"],
+        row["doc"],
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class Filled:
     scanned: int
-    queued: int
+    queued: list[Pending]
     cursor: Position | None  # None: nothing scanned, or the subscription is gone
     held: bool
 
@@ -210,7 +256,7 @@ async def fill(
     fields: Sequence[str] | None,
     limit: int,
 ) -> Filled:
-    row = await conn.fetchrow(
+    rows = await conn.fetch(
         FILL,
         subscription_id,
         cursor.txid,
@@ -218,87 +264,36 @@ async def fill(
         list(fields) if fields is not None else None,
         limit,
     )
-    assert row is not None
-    moved = row["cursor_txid"]
+    first = rows[0]
+    moved = first["cursor_txid"]
     return Filled(
-        row["scanned"],
-        row["queued"],
-        Position(moved, row["cursor_id"]) if moved is not None else None,
-        row["held"],
+        first["scanned"],
+        [_pending(r) for r in rows if r["txid"] is not None],
+        Position(moved, first["cursor_id"]) if moved is not None else None,
+        first["held"],
     )
 
 
-OUTBOX_SIZE = "SELECT count(*) FROM subscription_outbox WHERE subscription_id = $1"
-
-
-async def outbox_size(conn: Executor, subscription_id: str) -> int:
-    size: int = await conn.fetchval(OUTBOX_SIZE, subscription_id)
-    return size
-
-
-# The oldest outbox entry of each buddy not in flight (the buddy index, one skip per buddy),
-# those due now, oldest first; with the change's JSON and id, exactly as GET /v1/changes has it.
-DUE = f"""
-WITH heads AS (
-    SELECT DISTINCT ON (buddy_id) txid, id, buddy_id, attempts, next_attempt_at
-    FROM subscription_outbox
-    WHERE subscription_id = $1 AND NOT (buddy_id = ANY($2::text[]))
-    ORDER BY buddy_id, txid, id
-),
-due AS (
-    SELECT * FROM heads WHERE next_attempt_at <= now() ORDER BY txid, id LIMIT $3
-)
-SELECT page.txid, page.id, page.buddy_id, page.attempts, page.committed_at, page.change_id,
-       {CHANGE_DOC} AS doc
+# The outbox as a new owner finds it (what the previous one had not had acknowledged), oldest
+# first, with each entry's backoff left.
+LOAD = f"""
+{_PENDING}
 FROM (
-    SELECT c.*, d.attempts, {CHANGE_ID} AS change_id
-    FROM due AS d JOIN changes AS c ON c.txid = d.txid AND c.id = d.id
+    SELECT c.*, {CHANGE_ID} AS change_id, o.attempts,
+           extract(epoch FROM o.next_attempt_at - now())::float8 AS due_in_s
+    FROM subscription_outbox AS o
+    JOIN changes AS c ON c.txid = o.txid AND c.id = o.id
+    WHERE o.subscription_id = $1
+    ORDER BY o.txid, o.id
+    LIMIT $2
 ) AS page
 ORDER BY page.txid, page.id
 """
-# When the next entry not in flight is due (null: none waits).
-NEXT_DUE = """
-SELECT extract(epoch FROM min(next_attempt_at) - now())::float8
-FROM (
-    SELECT DISTINCT ON (buddy_id) next_attempt_at
-    FROM subscription_outbox
-    WHERE subscription_id = $1 AND NOT (buddy_id = ANY($2::text[]))
-    ORDER BY buddy_id, txid, id
-) AS heads
-"""
 
 
-@dataclass(frozen=True, slots=True)
-class Due:
-    position: Position
-    buddy_id: str
-    attempts: int
-    committed_at: datetime
-    change_id: str
-    doc: str
-
-
-async def due(
-    conn: Executor, subscription_id: str, in_flight: Sequence[str], limit: int
-) -> list[Due]:
-    return [
-        Due(
-            Position(r["txid"], r["id"]),
-            r["buddy_id"],
-            r["attempts"],
-            r["committed_at"],
-            r["change_id"],
-            r["doc"],
-        )
-        for r in await conn.fetch(DUE, subscription_id, list(in_flight), limit)
-    ]
-
-
-async def next_due_in(
-    conn: Executor, subscription_id: str, in_flight: Sequence[str]
-) -> float | None:
-    seconds: float | None = await conn.fetchval(NEXT_DUE, subscription_id, list(in_flight))
-    return seconds
+async def load(conn: Executor, subscription_id: str, limit: int) -> list[Pending]:
+    rows = await conn.fetch(LOAD, subscription_id, limit)
+    return [_pending(r) for r in rows]
 
 
 # The outcomes of a round of sends, in one statement: acknowledged entries leave the outbox;

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field, replace
 
 import asyncpg
 import httpx
@@ -30,8 +32,9 @@ import structlog
 from service import __version__, metrics
 from service.config import Settings
 from service.problems import DATABASE_ERRORS
-from service.store import NOTIFY_CHANNEL, Position, create_pool
+from service.store import NOTIFY_CHANNEL, create_pool
 from service.store import subscriptions as store
+from service.store.erasure import FORGOTTEN_SUFFIX
 from service.store.pool import Pool
 from service.subscriptions.policy import backoff_s, error_text, signed_headers
 
@@ -39,8 +42,9 @@ log = structlog.get_logger(__name__)
 
 # How often a sender looks for subscriptions nobody owns (a NOTIFY makes it look at once).
 OWN_EVERY_S = 5.0
-# Feed entries copied into an outbox per round, and the most an outbox holds before copying
-# waits for acknowledgements: bounded memory and bounded rows, whatever the lag.
+# Feed entries copied into the outbox per statement, and the most a dispatcher holds (in the
+# outbox and in memory, with their JSON) before copying waits for acknowledgements: bounded
+# memory and rows whatever the lag.
 FILL_BATCH = 1000
 OUTBOX_LIMIT = 10_000
 # The longest a dispatcher sleeps with nothing to do (a missed NOTIFY costs at most this).
@@ -53,17 +57,31 @@ MAX_ANSWER_BYTES = 65_536
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    position: Position
+    entry: store.Pending
     ok: bool
     # delivered, rejected (a non-2xx answer), timeout, unreachable
     kind: str
-    error: str | None
-    attempts: int
-    committed_at_s: float
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class _Queue:
+    """One buddy's unacknowledged changes, oldest first; only the head is ever in flight."""
+
+    entries: deque[store.Pending] = field(default_factory=deque)
+    # When the head may go (time.monotonic); a failed head waits out its backoff.
+    due: float = 0.0
+    in_flight: bool = False
 
 
 class Dispatcher:
-    """Sends one subscription's changes while this process owns it."""
+    """Sends one subscription's changes while this process owns it.
+
+    The outbox in Postgres is the durable truth; the dispatcher holds the same entries in
+    memory, per buddy, so a round costs at most two statements however many sends it settles:
+    one to record the answers that came in, one to copy new feed entries when there are any.
+    A buddy's next change is sent only after its predecessor's acknowledgement is committed.
+    """
 
     def __init__(self, sub: store.Sendable, pool: Pool, settings: Settings) -> None:
         self.sub = sub
@@ -71,7 +89,13 @@ class Dispatcher:
         self._pool = pool
         self._settings = settings
         self.wake = asyncio.Event()
-        self._in_flight: dict[str, asyncio.Task[Outcome]] = {}
+        # Set when the feed may have more (a NOTIFY); cleared by a fill that found it all.
+        self._feed_moved = True
+        self._queues: dict[str, _Queue] = {}
+        self._held = 0
+        self._ready: deque[str] = deque()
+        self._backoff: list[tuple[float, str]] = []
+        self._sending: set[asyncio.Task[Outcome]] = set()
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.subscription_timeout_s),
             follow_redirects=False,
@@ -90,116 +114,161 @@ class Dispatcher:
     async def stop(self) -> None:
         """Stop now: sends in flight are abandoned (their entries stay in the outbox and go
         out again, from whichever worker owns the subscription next)."""
-        tasks = [t for t in (self.task, *self._in_flight.values()) if t is not None]
+        tasks = [t for t in (self.task, *self._sending) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._in_flight.clear()
+        self._sending.clear()
         await self._client.aclose()
+
+    def forget(self, buddy_id: str) -> None:
+        """An erased buddy: its changes are not sent (erasure deleted them from the outbox)."""
+        queue = self._queues.get(buddy_id)
+        if queue is not None and not queue.in_flight:
+            self._held -= len(queue.entries)
+            del self._queues[buddy_id]
+
+    def _add(self, entries: list[store.Pending]) -> None:
+        now = time.monotonic()
+        for entry in entries:
+            queue = self._queues.get(entry.buddy_id)
+            if queue is None:
+                queue = self._queues[entry.buddy_id] = _Queue()
+            queue.entries.append(entry)
+            self._held += 1
+            if len(queue.entries) == 1 and not queue.in_flight:
+                self._schedule(entry.buddy_id, queue, now + max(0.0, entry.due_in_s))
+
+    def _schedule(self, buddy_id: str, queue: _Queue, due: float) -> None:
+        queue.due = due
+        if due <= time.monotonic():
+            self._ready.append(buddy_id)
+        else:
+            heapq.heappush(self._backoff, (due, buddy_id))
 
     async def _run(self) -> None:
         sid = self.sub.subscription_id
-        outbox = await store.outbox_size(self._pool, sid)
+        self._add(await store.load(self._pool, sid, OUTBOX_LIMIT))
         while True:
             self.wake.clear()
             more = held = False
-            if outbox >= OUTBOX_LIMIT:
-                # Pruning and erasure remove outbox rows too: count again before waiting.
-                outbox = await store.outbox_size(self._pool, sid)
-            if outbox < OUTBOX_LIMIT:
-                filled = await store.fill(self._pool, sid, self.cursor, self.sub.fields, FILL_BATCH)
+            if self._feed_moved and self._held < OUTBOX_LIMIT:
+                filled = await store.fill(
+                    self._pool,
+                    sid,
+                    self.cursor,
+                    self.sub.fields,
+                    min(FILL_BATCH, OUTBOX_LIMIT - self._held),
+                )
                 if filled.cursor is not None:
                     self.cursor = filled.cursor
-                outbox += filled.queued
-                more, held = filled.scanned == FILL_BATCH, filled.held
-            slots = self._settings.subscription_max_in_flight - len(self._in_flight)
-            if slots > 0:
-                for entry in await store.due(self._pool, sid, list(self._in_flight), slots):
-                    self._in_flight[entry.buddy_id] = asyncio.create_task(self._send(entry))
+                self._add(filled.queued)
+                more = filled.scanned > 0
+                held = filled.held
+                self._feed_moved = more or held
+            self._dispatch()
             await self._wait(more, held)
-            finished = {b: t for b, t in self._in_flight.items() if t.done()}
-            if not finished:
+            finished = [t for t in self._sending if t.done()]
+            if finished:
+                self._sending.difference_update(finished)
+                status = await self._settle([t.result() for t in finished])
+                if status is None or status == "disabled":
+                    log.warning("subscription_stopped", subscription_id=sid, status=status)
+                    return
+
+    def _dispatch(self) -> None:
+        now = time.monotonic()
+        while self._backoff and self._backoff[0][0] <= now:
+            _, buddy_id = heapq.heappop(self._backoff)
+            queue = self._queues.get(buddy_id)
+            if queue is not None and queue.entries and queue.due <= now and not queue.in_flight:
+                self._ready.append(buddy_id)
+        slots = self._settings.subscription_max_in_flight - len(self._sending)
+        while slots > 0 and self._ready:
+            buddy_id = self._ready.popleft()
+            queue = self._queues.get(buddy_id)
+            if queue is None or queue.in_flight or not queue.entries:
                 continue
-            for buddy_id in finished:
-                del self._in_flight[buddy_id]
-            outcomes = [t.result() for t in finished.values()]
-            status = await self._settle(outcomes)
-            outbox -= sum(o.ok for o in outcomes)
-            if status is None or status == "disabled":
-                log.warning("subscription_stopped", subscription_id=sid, status=status)
-                return
+            queue.in_flight = True
+            self._sending.add(asyncio.create_task(self._send(queue.entries[0])))
+            slots -= 1
 
     async def _wait(self, more: bool, held: bool) -> None:
         if more:
-            return  # the feed has more to copy now
-        if held:
-            timeout = HELD_WAIT_S
-        elif len(self._in_flight) < self._settings.subscription_max_in_flight:
-            due_in = await store.next_due_in(
-                self._pool, self.sub.subscription_id, list(self._in_flight)
-            )
-            timeout = IDLE_WAIT_S if due_in is None else min(max(due_in, 0.0), IDLE_WAIT_S)
-        else:
-            timeout = IDLE_WAIT_S
-        if timeout <= 0:
+            return  # the feed may have more to copy now
+        if self._ready and len(self._sending) < self._settings.subscription_max_in_flight:
+            return
+        timeout = HELD_WAIT_S if held else IDLE_WAIT_S
+        if self._backoff:
+            timeout = min(timeout, max(0.0, self._backoff[0][0] - time.monotonic()))
+        if timeout <= 0 and not self._sending:
             return
         woken = asyncio.ensure_future(self.wake.wait())
         try:
             await asyncio.wait(
-                [woken, *self._in_flight.values()],
-                timeout=timeout,
-                return_when=asyncio.FIRST_COMPLETED,
+                [woken, *self._sending], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
             woken.cancel()
 
+    def on_change(self) -> None:
+        self._feed_moved = True
+        self.wake.set()
+
     async def _settle(self, outcomes: list[Outcome]) -> str | None:
         settings = self._settings
         sid = self.sub.subscription_id
-        acked = [o.position for o in outcomes if o.ok]
-        failed = [
-            (
-                o.position,
-                backoff_s(
-                    o.attempts + 1,
-                    settings.subscription_backoff_s,
-                    settings.subscription_backoff_max_s,
-                ),
+        delays = {
+            o.entry.position: backoff_s(
+                o.entry.attempts + 1,
+                settings.subscription_backoff_s,
+                settings.subscription_backoff_max_s,
             )
             for o in outcomes
             if not o.ok
-        ]
+        }
         errors = [o.error for o in outcomes if o.error is not None]
         status = await store.settle(
             self._pool,
             sid,
-            acked,
-            failed,
+            [o.entry.position for o in outcomes if o.ok],
+            list(delays.items()),
             errors[-1] if errors else None,
             settings.subscription_disable_after_s,
         )
-        now = time.time()
+        # Committed: acknowledged heads leave their queues and the next change of each buddy
+        # may go; failed heads wait out their backoff.
+        now_wall, now = time.time(), time.monotonic()
         for o in outcomes:
             metrics.SUBSCRIPTION_DELIVERIES.labels(subscription_id=sid, outcome=o.kind).inc()
+            queue = self._queues[o.entry.buddy_id]
+            queue.in_flight = False
             if o.ok:
-                metrics.SUBSCRIPTION_DELIVERY_LAG.observe(max(0.0, now - o.committed_at_s))
-        if failed:
+                metrics.SUBSCRIPTION_DELIVERY_LAG.observe(
+                    max(0.0, now_wall - o.entry.committed_at.timestamp())
+                )
+                queue.entries.popleft()
+                self._held -= 1
+                if queue.entries:
+                    self._schedule(o.entry.buddy_id, queue, now)
+                else:
+                    del self._queues[o.entry.buddy_id]
+            else:
+                failed = queue.entries[0]
+                queue.entries[0] = replace(failed, attempts=failed.attempts + 1)
+                self._schedule(o.entry.buddy_id, queue, now + delays[o.entry.position])
+        if delays:
             log.warning(
                 "subscription_delivery_failed",
                 subscription_id=sid,
-                failed=len(failed),
-                delivered=len(acked),
+                failed=len(delays),
+                delivered=len(outcomes) - len(delays),
                 error=errors[-1] if errors else None,
             )
         return status
 
-    async def _send(self, entry: store.Due) -> Outcome:
+    async def _send(self, entry: store.Pending) -> Outcome:
         headers = signed_headers(self.sub.secret, entry.change_id, entry.doc, time.time())
-        committed = entry.committed_at.timestamp()
-
-        def outcome(ok: bool, kind: str, error: str | None = None) -> Outcome:
-            return Outcome(entry.position, ok, kind, error, entry.attempts, committed)
-
         try:
             async with self._client.stream(
                 "POST", self.sub.url, content=entry.doc.encode(), headers=headers
@@ -211,13 +280,13 @@ class Dispatcher:
                         break
                 status = answer.status_code
         except httpx.TimeoutException:
-            return outcome(False, "timeout", "timed out")
+            return Outcome(entry, False, "timeout", "timed out")
         except (httpx.HTTPError, OSError) as exc:
-            return outcome(False, "unreachable", error_text(f"{type(exc).__name__}: {exc}"))
+            return Outcome(entry, False, "unreachable", error_text(f"{type(exc).__name__}: {exc}"))
         if 200 <= status < 300:
-            return outcome(True, "delivered")
+            return Outcome(entry, True, "delivered")
         note = " (redirects are not followed)" if 300 <= status < 400 else ""
-        return outcome(False, "rejected", f"HTTP {status}{note}")
+        return Outcome(entry, False, "rejected", f"HTTP {status}{note}")
 
 
 class Sender:
@@ -280,9 +349,12 @@ class Sender:
     def _on_subscription(self, *_args: object) -> None:
         self._look.set()
 
-    def _on_change(self, *_args: object) -> None:
+    def _on_change(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        buddy_id, _, version = str(payload).rpartition(":")
         for dispatcher in self._dispatchers.values():
-            dispatcher.wake.set()
+            if ":" + version == FORGOTTEN_SUFFIX:
+                dispatcher.forget(buddy_id)
+            dispatcher.on_change()
 
     async def _own(self, conn: asyncpg.Connection[asyncpg.Record]) -> None:
         assert self._pool is not None
