@@ -20,17 +20,27 @@ SUBSCRIPTION_LOCK_SPACE = 73_113
 SUBSCRIPTIONS_CHANNEL = "hatched_mirror_subscriptions"
 
 # What a lag is counted from: the outbox, plus the feed past the cursor that the filter keeps.
+# Counted up to LAG_COUNT_MAX entries, so that the status of a subscription disabled for days
+# (and every scrape, which reads it) stays a bounded read.
+LAG_COUNT_MAX = 1_000_000
 _FEED_AHEAD = """
 FROM changes AS c
 WHERE (c.txid, c.id) > (s.cursor_txid, s.cursor_id)
   AND (s.fields IS NULL OR c.changed ?| s.fields)
 """
 _STATS = f"""
-    (SELECT count(*) FROM subscription_outbox AS o WHERE o.subscription_id = s.subscription_id)
-    + (SELECT count(*) {_FEED_AHEAD}) AS lag,
-    least(
-        (SELECT min(c.committed_at) FROM subscription_outbox AS o
-         JOIN changes AS c USING (txid, id) WHERE o.subscription_id = s.subscription_id),
+    least({LAG_COUNT_MAX}, (
+        SELECT count(*) FROM (
+            SELECT 1 FROM subscription_outbox AS o
+            WHERE o.subscription_id = s.subscription_id LIMIT {LAG_COUNT_MAX}
+        ) AS queued
+    ) + (
+        SELECT count(*) FROM (SELECT 1 {_FEED_AHEAD} LIMIT {LAG_COUNT_MAX}) AS ahead
+    )) AS lag,
+    coalesce(
+        (SELECT c.committed_at FROM subscription_outbox AS o
+         JOIN changes AS c ON c.txid = o.txid AND c.id = o.id
+         WHERE o.subscription_id = s.subscription_id ORDER BY o.txid, o.id LIMIT 1),
         (SELECT c.committed_at {_FEED_AHEAD} ORDER BY c.txid, c.id LIMIT 1)
     ) AS oldest_pending_at
 """

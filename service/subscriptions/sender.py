@@ -149,10 +149,16 @@ class Dispatcher:
     async def _run(self) -> None:
         sid = self.sub.subscription_id
         self._add(await store.load(self._pool, sid, OUTBOX_LIMIT))
+        filled_at = time.monotonic()
         while True:
             self.wake.clear()
             more = held = False
+            if time.monotonic() - filled_at >= IDLE_WAIT_S:
+                self._feed_moved = True  # a NOTIFY may have been lost (a reconnect, say)
             if self._feed_moved and self._held < OUTBOX_LIMIT:
+                # Cleared before the read: a NOTIFY that comes while it runs sets it again.
+                self._feed_moved = False
+                filled_at = time.monotonic()
                 filled = await store.fill(
                     self._pool,
                     sid,
@@ -165,7 +171,8 @@ class Dispatcher:
                 self._add(filled.queued)
                 more = filled.scanned > 0
                 held = filled.held
-                self._feed_moved = more or held
+                if more or held:
+                    self._feed_moved = True
             self._dispatch()
             await self._wait(more, held)
             finished = [t for t in self._sending if t.done()]
