@@ -18,6 +18,7 @@ from service import store
 from service.app import create_app
 from service.config import Settings
 from service.read.schemas import ProblemOut
+from service.store.subscriptions import SUBSCRIPTION_LOCK_SPACE
 from service.subscriptions.schemas import (
     SubscriptionCreated,
     SubscriptionOut,
@@ -310,22 +311,49 @@ async def test_an_endpoint_killed_and_restarted_misses_nothing(
 async def test_two_workers_never_send_a_change_twice_at_once(
     settings: Settings, feed: store.Pool, subscriber: tuple[Subscriber, str]
 ) -> None:
-    """Both workers run a sender; one owns the subscription. When it stops, the other takes
-    over and sends what was not acknowledged, never concurrently with the first."""
+    """Both workers run a sender; the first owns the subscription. It stops mid-way, with
+    sends in flight: the second takes over and sends what was not acknowledged, never
+    concurrently with the first, and the endpoint gets every change."""
     sink, hook = subscriber
     sink.delay_s = 0.02
     settings = fast(settings)
-    async with running(settings) as http:
-        await subscribe(http, f"{hook}/hook", sink)
-        async with running_worker(settings):
-            await post_day(http, buddies=8, per_buddy=10, seed=5)
-            await wait_until(lambda: _some(sink), within=30)
-        # One of the two has stopped, possibly the owner, mid-way.
-        await post_day(http, buddies=8, per_buddy=10, seed=6)
-        await all_delivered(http, feed, sink)
+    async with (
+        serving(create_app(settings)) as base,
+        httpx.AsyncClient(base_url=base, timeout=30) as http,
+    ):
+        async with contextlib.AsyncExitStack() as first:
+            await first.enter_async_context(running_worker(settings))
+            await subscribe(http, f"{hook}/hook", sink)
+            await wait_until(lambda: owner_count(feed, 1))
+            owner = await owner_pid(feed)
+            async with running_worker(settings):
+                await post_day(http, buddies=8, per_buddy=10, seed=5)
+                await wait_until(lambda: _some(sink), within=30)
+                await first.aclose()  # the owner stops, sends in flight
+                await wait_until(lambda: owner_count(feed, 1))
+                assert await owner_pid(feed) != owner
+                await post_day(http, buddies=8, per_buddy=10, seed=6)
+                await all_delivered(http, feed, sink)
         assert not sink.concurrent, sink.concurrent
         assert set(sink.delivered()) == set(await feed_entries(http))
         assert not sink.out_of_order
+
+
+# Owning a subscription is holding its advisory lock (service/store/subscriptions.py).
+OWNERS = f"""
+SELECT pid FROM pg_locks
+WHERE locktype = 'advisory' AND classid = {SUBSCRIPTION_LOCK_SPACE} AND granted
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+
+
+async def owner_count(db: store.Pool, n: int) -> bool:
+    return len(await db.fetch(OWNERS)) == n
+
+
+async def owner_pid(db: store.Pool) -> int:
+    pid: int = await db.fetchval(OWNERS)
+    return pid
 
 
 async def _some(sink: Subscriber) -> bool:
