@@ -539,6 +539,29 @@ async def test_the_worker_counts_the_entries_it_writes(
     assert written() - before == 2
 
 
+async def test_the_feed_bounds_read_the_index_not_the_feed(feed: store.Pool) -> None:
+    """Every page and every stream poll asks where the feed ends: a probe of the primary key,
+    however long the feed (unanalysed, as a feed just filled is), never a scan of it."""
+    await feed.execute(
+        """
+        INSERT INTO changes (buddy_id, version, cause_kind, changed)
+        SELECT 'buddy_' || i, 1, 'delivery', '{}' FROM generate_series(1, 50000) AS i
+        """
+    )
+    async with feed.acquire() as conn:
+        plan = orjson.loads(await conn.fetchval("EXPLAIN (FORMAT JSON) " + store.FEED_BOUNDS))
+
+    def scans(node: dict[str, Any]) -> list[tuple[str, str]]:
+        own = [(node["Node Type"], node.get("Index Name", ""))] if "Relation Name" in node else []
+        if node.get("Relation Name", "changes") != "changes":
+            own = []
+        return own + [s for child in node.get("Plans", []) for s in scans(child)]
+
+    assert scans(plan[0]["Plan"]) == [("Index Only Scan", "changes_pkey")]
+    await visible(feed)
+    assert not (await store.feed_bounds(feed)).held
+
+
 @pytest.mark.parametrize("enabled", [None, "false"])
 async def test_with_the_feed_off_the_worker_writes_no_entries(
     enabled: str | None, migrated: str, redis_url: str, feed: store.Pool
