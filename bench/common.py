@@ -76,7 +76,7 @@ QUICK = Plan(
     feed_reps=1,
     feed_entries=3_000,
     feed_walks=1,
-    feed_buddy_reads=20,
+    feed_buddy_reads=5,
 )
 
 
