@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bench import inbox, procs
-from bench.common import Ctx, database, judge, seed_buddies, shards
+from bench.common import Ctx, database, drain_timed, judge, seed_buddies, shards
 from bench.load import buddy_ids, make_deliveries
 from bench.report import Section, Target, ratio, table
 from service import store
@@ -27,19 +27,7 @@ async def backlog(ctx: Ctx) -> Section:
                 idle_rss = procs.rss_mb(worker.pid) or 0.0
                 offset = worker.log_path.stat().st_size
                 cpu = procs.CpuMeter(worker.pid)
-
-                async def start_cpu() -> None:
-                    cpu.start()
-
-                seconds = await inbox.load_and_drain(
-                    pool,
-                    rows,
-                    redis_url=env["REDIS_URL"],
-                    shards=n,
-                    worker=worker,
-                    before_drain=start_cpu,
-                )
-                cpu.stop()
+                seconds = await drain_timed(pool, rows, env, worker, cpu)
             jobs = inbox.drained_jobs(worker.log_path, offset)
             outcomes = await inbox.outcome_counts(pool)
         finally:

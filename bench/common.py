@@ -22,7 +22,8 @@ PCT = ("p50", "p95", "p99", "p999", "max")
 class Plan:
     """Sizes and durations. The defaults are the issue's targets (10,000 buddies, 1,000/s and
     500/s for 60 s, a 100,000-delivery backlog, 1M buddies / 20M deliveries; the upgrade at
-    20M deliveries too); QUICK keeps every code path of the suite and none of the load."""
+    20M deliveries too; a change feed of 100,000 entries); QUICK keeps every code path of the
+    suite and none of the load."""
 
     quick: bool = False
     buddies: int = 10_000
@@ -45,6 +46,10 @@ class Plan:
     per_buddy: int = 20
     scale_backlog: int = 100_000
     upgrade_rows: int = 20_000_000
+    feed_reps: int = 3  # pairs of drains, feed on and off
+    feed_entries: int = 100_000
+    feed_walks: int = 3
+    feed_buddy_reads: int = 300
 
     def with_duration(self, seconds: float) -> Plan:
         return replace(
@@ -74,6 +79,10 @@ QUICK = Plan(
     per_buddy=5,
     scale_backlog=2_000,
     upgrade_rows=3_000,
+    feed_reps=1,
+    feed_entries=3_000,
+    feed_walks=1,
+    feed_buddy_reads=5,
 )
 
 
@@ -142,6 +151,30 @@ async def seed_buddies(
     rows = [inbox.as_stored(gen.hatched(b, ts), n) for b in ids]
     rows += [inbox.as_stored(gen.next(ts), n) for _ in range(extra)]
     await inbox.load_and_drain(pool, rows, redis_url=env["REDIS_URL"], shards=n, worker=worker)
+
+
+async def drain_timed(
+    pool: store.Pool,
+    rows: list[store.NewDelivery],
+    env: dict[str, str],
+    worker: procs.Proc,
+    cpu: procs.CpuMeter,
+) -> float:
+    """inbox.load_and_drain, with `cpu` measuring the drain alone (not the COPY before it)."""
+
+    async def start_cpu() -> None:
+        cpu.start()
+
+    seconds = await inbox.load_and_drain(
+        pool,
+        rows,
+        redis_url=env["REDIS_URL"],
+        shards=shards(env),
+        worker=worker,
+        before_drain=start_cpu,
+    )
+    cpu.stop()
+    return seconds
 
 
 def get_spec(ctx: Ctx, port: int, targets: Path, conditional: bool) -> dict[str, Any]:

@@ -23,7 +23,7 @@ HEADER = """\
 What the suite in `bench/` measures, how, and what it measured. Each run appends a section with
 the machine it ran on, the exact command and its tables; tables are never edited by hand.
 
-    .venv/bin/python -m bench.run                      # all but `scale` and `upgrade` (~7 min)
+    .venv/bin/python -m bench.run                      # all but `scale` and `upgrade` (~15 min)
     .venv/bin/python -m bench.run --only receiver read # some of them
     .venv/bin/python -m bench.run --only scale         # long (~15 min): 1M buddies, 20M rows
     .venv/bin/python -m bench.run --only upgrade       # ~5 min: sql/0008 and 0009 on 20M rows

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import orjson
 
-from bench import backlog, read, report, scale, scenarios, subscription, upgrade
+from bench import backlog, feed, read, report, scale, scenarios, subscription, upgrade
 from bench.common import QUICK, Ctx, Plan
 from bench.report import Section
 
@@ -30,8 +30,10 @@ SCENARIOS: dict[str, Callable[[Ctx], Awaitable[Section]]] = {
     "receiver": scenarios.receiver,
     "ack_latency": scenarios.ack_latency,
     "backlog": backlog.backlog,
+    "backlog_feed": feed.backlog_feed,
     "freshness": scenarios.freshness,
     "read": read.read,
+    "feed_read": feed.feed_read,
     "subscription": subscription.subscription,
     "scale": scale.scale,
     "upgrade": upgrade.upgrade,

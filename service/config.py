@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     apply_batch_size: int = Field(default=500, ge=1, le=10_000, alias="MIRROR_APPLY_BATCH_SIZE")
     apply_max_attempts: int = Field(default=8, ge=1, le=100, alias="MIRROR_APPLY_MAX_ATTEMPTS")
     apply_backoff_s: float = Field(default=2.0, ge=0, alias="MIRROR_APPLY_BACKOFF_S")
+    # Off: the apply path writes no change-feed entries (nor computes their diffs); versions
+    # and live buddy streams are unchanged, the feed routes answer with an empty feed.
+    changes_enabled: bool = Field(default=True, alias="MIRROR_CHANGES_ENABLED")
     retention_days: float = Field(default=30.0, gt=0, alias="MIRROR_RETENTION_DAYS")
     prune_batch_size: int = Field(default=5000, ge=1, alias="MIRROR_PRUNE_BATCH_SIZE")
     worker_metrics_port: int = Field(

@@ -15,7 +15,7 @@ import asyncpg
 import structlog
 
 from service import store
-from service.apply.changes import Cause, CauseKind, diff, entry
+from service.apply.changes import Cause, CauseKind, diff, entry, grows
 from service.apply.projector import Buddy, project
 from service.hatched.refresh import REFRESH_EVENT, parse_snapshot
 from service.ingest.events import Event, Parsed, parse_delivery
@@ -59,6 +59,8 @@ class ApplyLimits:
     batch_size: int = 500
     max_attempts: int = 8
     backoff_s: float = 1.0
+    # MIRROR_CHANGES_ENABLED: whether applying writes change-feed entries.
+    feed: bool = True
 
 
 # Errors that belong to the data of a batch (the server refused a value, the projector tripped)
@@ -105,7 +107,7 @@ async def apply_batch(
     try:
         async with conn.transaction():
             rows = await store.claim_batch(conn, shards, per_shard)
-            return await _apply_rows(conn, rows), Counter(r["shard"] for r in rows)
+            return await _apply_rows(conn, rows, limits.feed), Counter(r["shard"] for r in rows)
     except _DATA_ERRORS as exc:
         if isinstance(exc, _CONNECTION_ERRORS):
             raise
@@ -140,7 +142,7 @@ async def _apply_group(
     seqs = [r["seq"] for r in rows]
     try:
         async with conn.transaction():
-            part = await _apply_rows(conn, await store.claim_seqs(conn, seqs))
+            part = await _apply_rows(conn, await store.claim_seqs(conn, seqs), limits.feed)
         result.add(part, claimed=False)
         return
     except _DATA_ERRORS as exc:
@@ -182,7 +184,7 @@ def _buddy_of(row: asyncpg.Record) -> str | None:
     return parse_row(row).buddy_id
 
 
-async def _apply_rows(conn: store.Conn, rows: list[asyncpg.Record]) -> BatchResult:
+async def _apply_rows(conn: store.Conn, rows: list[asyncpg.Record], feed_on: bool) -> BatchResult:
     result = BatchResult(claimed=len(rows))
     if not rows:
         return result
@@ -246,12 +248,14 @@ async def _apply_rows(conn: store.Conn, rows: list[asyncpg.Record]) -> BatchResu
             result.touched.add(buddy_id)
         if state is None or outcome.buddy != state:
             # What a reader sees differently; nothing (or `last_event_at` alone) keeps the
-            # version, so versions and feed entries match one to one.
-            changed = diff(state, outcome.buddy)
-            new_version = version + 1 if changed else version
+            # version, so versions and feed entries (when written) match one to one.
+            changed = diff(state, outcome.buddy) if feed_on else {}
+            grew = bool(changed) if feed_on else grows(state, outcome.buddy)
+            new_version = version + 1 if grew else version
             writes.append((outcome.buddy, new_version))
-            if changed:
+            if grew:
                 result.changed.append((buddy_id, new_version))
+            if changed:
                 feed.append(entry(outcome.buddy, new_version, _cause(evs, replayed), changed))
         finished.extend((seq, "applied", None) for seq, _ in evs)
         result.applied += len(evs)
@@ -275,7 +279,7 @@ def _cause(evs: list[tuple[int, Event]], replayed: set[int]) -> Cause:
     return Cause(kind, event.delivery_id, event.type)
 
 
-async def rebuild_buddy(conn: store.Conn, buddy_id: str) -> bool:
+async def rebuild_buddy(conn: store.Conn, buddy_id: str, *, feed: bool = True) -> bool:
     """Recompute one buddy from its stored deliveries alone, through the same projector.
 
     Online: only this buddy's row is locked, for one short transaction; a live apply of the same
@@ -295,13 +299,14 @@ async def rebuild_buddy(conn: store.Conn, buddy_id: str) -> bool:
         if state is not None and outcome.buddy == state:
             await store.write_batch(conn, ledger=outcome.ledger)
             return False
-        changed = diff(state, outcome.buddy)
-        new_version = version + 1 if changed else version
+        changed = diff(state, outcome.buddy) if feed else {}
+        grew = bool(changed) if feed else grows(state, outcome.buddy)
+        new_version = version + 1 if grew else version
         await store.write_batch(
             conn,
             buddies=[(outcome.buddy, new_version)],
             ledger=outcome.ledger,
-            changed=[(buddy_id, new_version)] if changed else [],
+            changed=[(buddy_id, new_version)] if grew else [],
             feed=[entry(outcome.buddy, new_version, Cause("rebuild"), changed)] if changed else [],
         )
         return True

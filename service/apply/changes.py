@@ -105,6 +105,21 @@ def diff(before: Buddy | None, after: Buddy) -> dict[str, dict[str, Any]]:
     return out
 
 
+def grows(before: Buddy | None, after: Buddy) -> bool:
+    """`bool(diff(before, after))`, for when no entry is written (MIRROR_CHANGES_ENABLED off):
+    the version must still grow exactly when a reader would see a change, but nothing needs
+    building, and the first field that moved for a reader answers."""
+    if before is None:
+        return True
+    old_attrs, new_attrs = vars(before), vars(after)
+    for attr, name in _FIELD_OF.items():
+        if name != _BOOKKEEPING and old_attrs[attr] != new_attrs[attr]:
+            render = _RENDER[name]
+            if render(before) != render(after):
+                return True
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class Cause:
     kind: CauseKind

@@ -20,7 +20,9 @@ async def rebuild_all(settings: Settings, buddy_ids: list[str]) -> tuple[int, in
                 while True:
                     page = buddy_ids if buddy_ids else await store.buddy_ids_page(conn, after, 500)
                     for buddy_id in page:
-                        changed += await rebuild_buddy(conn, buddy_id)
+                        changed += await rebuild_buddy(
+                            conn, buddy_id, feed=settings.changes_enabled
+                        )
                         total += 1
                         bar.update()
                     if buddy_ids or not page:

@@ -47,6 +47,7 @@ async def startup(ctx: WorkerContext) -> None:
         batch_size=settings.apply_batch_size,
         max_attempts=settings.apply_max_attempts,
         backoff_s=settings.apply_backoff_s,
+        feed=settings.changes_enabled,
     )
 
     ctx["hatched"] = None
@@ -112,7 +113,7 @@ async def apply_shard(ctx: WorkerContext, shard: int) -> int:
         metrics.INCONSISTENCIES.inc(result.inconsistencies)
     if result.forgotten:
         metrics.TOMBSTONE_HITS.labels(path="apply").inc(result.forgotten)
-    if result.changed:  # one feed entry per buddy whose version grew
+    if result.changed and ctx["limits"].feed:  # one feed entry per buddy whose version grew
         metrics.CHANGES_WRITTEN.inc(len(result.changed))
     for field_name in result.drift:
         metrics.REFRESH_DRIFT.labels(field=field_name).inc()

@@ -73,9 +73,13 @@ START = Position(0, 0)
 
 # Where readers may read up to, and where pruning stopped. `held`: entries of ended
 # transactions wait behind an older one still running (a reader should look again soon).
+# Asked as the newest txid (the primary key's last entry) rather than EXISTS (... txid >=
+# xmin): xmin is known only at run time, so the planner guessed a third of the feed would
+# match and scanned the table for the first, which on an idle feed (nothing matches) read
+# all of it on every page and every stream poll.
 FEED_BOUNDS = """
 SELECT s.xmin, h.txid AS pruned_txid, h.id AS pruned_id,
-       EXISTS (SELECT 1 FROM changes WHERE txid >= s.xmin) AS held
+       coalesce((SELECT max(txid) FROM changes) >= s.xmin, false) AS held
 FROM (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin) AS s
 CROSS JOIN changes_horizon AS h
 """

@@ -539,6 +539,61 @@ async def test_the_worker_counts_the_entries_it_writes(
     assert written() - before == 2
 
 
+async def test_the_feed_bounds_read_the_index_not_the_feed(feed: store.Pool) -> None:
+    """Every page and every stream poll asks where the feed ends: a probe of the primary key,
+    however long the feed (unanalysed, as a feed just filled is), never a scan of it."""
+    await feed.execute(
+        """
+        INSERT INTO changes (buddy_id, version, cause_kind, changed)
+        SELECT 'buddy_' || i, 1, 'delivery', '{}' FROM generate_series(1, 50000) AS i
+        """
+    )
+    async with feed.acquire() as conn:
+        plan = orjson.loads(await conn.fetchval("EXPLAIN (FORMAT JSON) " + store.FEED_BOUNDS))
+
+    def scans(node: dict[str, Any]) -> list[tuple[str, str]]:
+        own = [(node["Node Type"], node.get("Index Name", ""))] if "Relation Name" in node else []
+        if node.get("Relation Name", "changes") != "changes":
+            own = []
+        return own + [s for child in node.get("Plans", []) for s in scans(child)]
+
+    assert scans(plan[0]["Plan"]) == [("Index Only Scan", "changes_pkey")]
+    await visible(feed)
+    assert not (await store.feed_bounds(feed)).held
+
+
+@pytest.mark.parametrize("enabled", [None, "false"])
+async def test_with_the_feed_off_the_worker_writes_no_entries(
+    enabled: str | None, migrated: str, redis_url: str, feed: store.Pool
+) -> None:
+    """MIRROR_CHANGES_ENABLED=false: the buddy and its version move exactly as with the feed
+    (unset: on), the feed stays empty and its route still answers."""
+    overrides = {} if enabled is None else {"MIRROR_CHANGES_ENABLED": enabled}
+    configured = make_settings(migrated, redis_url, **overrides)
+    steps = [
+        delivery("buddy.hatched", "buddy_off", 0, name="Pip"),
+        delivery("coins.earned", "buddy_off", 5, amount=3, balance=3),
+        # Newer, and it sets what is there: `last_event_at` alone moves, no version grows.
+        delivery("coins.earned", "buddy_off", 9, amount=0, balance=3),
+    ]
+    async with serving(create_app(configured)) as url:
+        for step in steps:
+            await post(url, step)
+            async with running_worker(configured):
+                await wait_settled(feed)
+        await visible(feed)
+        page = await changes(url, limit=1000)
+    found = await store.get_buddy(feed, "buddy_off")
+    assert found is not None and (found[0].name, found[0].coins, found[1]) == ("Pip", 3, 2)
+    assert found[0].last_event_at == T0 + timedelta(seconds=9)
+    rows = await feed.fetch("SELECT version FROM changes WHERE buddy_id = 'buddy_off'")
+    if enabled is None:
+        assert [r["version"] for r in rows] == [1, 2]
+        assert [e["version"] for e in page["data"]] == [1, 2]
+    else:
+        assert rows == [] and page["data"] == [] and page["next_cursor"]
+
+
 async def test_a_stream_waits_for_an_older_transaction_then_delivers(
     server: str, feed: store.Pool, stream_client: httpx.AsyncClient
 ) -> None:

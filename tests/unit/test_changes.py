@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.apply.changes import FIELD_NAMES, diff
+from service.apply.changes import FIELD_NAMES, diff, grows
 from service.apply.projector import Buddy, project, public_view
 from service.ingest.events import Event
 from tests.unit.test_projector import BUDDY, PROPERTY, at, ev, event_sets, pairs
@@ -54,11 +54,13 @@ def test_last_event_at_alone_is_no_change() -> None:
     assert after.last_event_at != before.last_event_at
     assert diff(before, after) == {}
     assert diff(after, after) == {}
+    assert not grows(before, after)
 
 
 def test_list_order_alone_is_no_change() -> None:
     before = Buddy(buddy_id=BUDDY, items_owned=["a", "b"])
     assert diff(before, Buddy(buddy_id=BUDDY, items_owned=["b", "a"])) == {}
+    assert not grows(before, Buddy(buddy_id=BUDDY, items_owned=["b", "a"]))
 
 
 def _chunks(events: list[tuple[int, Event]], cuts: list[int]) -> list[list[tuple[int, Event]]]:
@@ -78,6 +80,9 @@ def test_diff_is_public_view_field_by_field(events: list[Event], data: st.DataOb
     if set(expected) == {"last_event_at"}:
         expected = {}
     assert diff(before, after) == expected
+    # With the feed off the version grows on this test alone: it must agree with the diff.
+    assert grows(before, after) == bool(expected)
+    assert grows(None, after)
 
 
 @PROPERTY
