@@ -210,8 +210,8 @@ meta AS (
     SELECT (SELECT count(*) FROM scan) AS scanned,
            (SELECT cursor_txid FROM moved) AS cursor_txid,
            (SELECT cursor_id FROM moved) AS cursor_id,
-           EXISTS (SELECT 1 FROM changes AS c
-                   WHERE (c.txid, c.id) > ($2, $3) AND c.txid >= (SELECT xmin FROM bound)) AS held
+           -- The newest entry, from the end of the primary key (as FEED_BOUNDS does).
+           coalesce((SELECT max(txid) FROM changes) >= (SELECT xmin FROM bound), false) AS held
 )
 SELECT meta.*, e.*
 FROM meta LEFT JOIN (
