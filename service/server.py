@@ -18,6 +18,9 @@ throughput. So this protocol keeps httptools and measures the request head itsel
   finish sending it, then is closed;
 - a request httptools cannot parse is a `400` problem+json (uvicorn answers plain text).
 
+It also writes a response's head and body in one system call where uvicorn makes two
+(`_JoinedWrites`): for a cached read that second send() was the largest single cost.
+
 The body is bounded by the receiver itself (size and MIRROR_BODY_TIMEOUT_S), connections per
 process by uvicorn's `limit_concurrency` (MIRROR_MAX_CONNECTIONS).
 """
@@ -53,6 +56,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._writes = _JoinedWrites(transport, self.loop)
         self._arm_head_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -60,6 +64,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        self._writes.drop()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -68,6 +73,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._in_head:
             room = max(self._max_head - self._head_bytes, 0)
             if len(data) > room and b"\r\n\r\n" not in self._tail + data[: room + 4]:
+                self._writes.flush()
                 _send_problem(self.transport, 431, "header_too_large", _TOO_LARGE)
                 return
         heads = self._heads
@@ -81,12 +87,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._heads += 1
         self._cancel_head_deadline()
         super().on_headers_complete()
+        if self.cycle is not None:
+            self.cycle.transport = self._writes
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head = True
 
     def on_response_complete(self) -> None:
+        self._writes.flush()
         super().on_response_complete()
         if not self.transport.is_closing():
             # Also when the answer came before the request's body was in (413, 408): the rest
@@ -96,6 +105,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._arm_head_deadline()
 
     def send_400_response(self, msg: str) -> None:
+        self._writes.flush()
         _send_problem(self.transport, 400, "bad_request", "Invalid HTTP request")
 
     def _arm_head_deadline(self) -> None:
@@ -114,6 +124,44 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._head_timer = self.loop.call_at(self._head_due, self._check_head_deadline)
         elif not self.transport.is_closing():
             self.transport.close()
+
+
+class _JoinedWrites(asyncio.Transport):
+    """The transport as uvicorn's response cycle sees it (it calls write, close and is_closing
+    only): a write is held until the cycle's next write, which goes out with it, or until the
+    loop's next turn. A response's head and its body, sent by the app one after the other,
+    thus leave in one write; a streamed response's head and chunks leave as they did, a turn
+    later at most. What the protocol writes itself (a 400 or 431) goes after what is held."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._transport = transport
+        self._loop = loop
+        self._held = b""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._held:
+            joined, self._held = self._held + data, b""
+            self._transport.write(joined)
+        elif data:
+            self._held = bytes(data)
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        if self._held:
+            held, self._held = self._held, b""
+            if not self._transport.is_closing():
+                self._transport.write(held)
+
+    def drop(self) -> None:
+        self._held = b""
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
 
 
 def _send_problem(transport: asyncio.Transport, status: int, code: str, title: str) -> None:
