@@ -133,6 +133,11 @@ class RedactQueryTokens(logging.Filter):
 _SAFE_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 
 
+def request_id(given: bytes) -> bytes:
+    """The caller's X-Request-ID value when it is a sane token, else a new id."""
+    return given if _SAFE_ID.fullmatch(given) else os.urandom(16).hex().encode()
+
+
 class RequestIdMiddleware:
     """Every log line written while serving a request carries its `request_id` (the caller's
     X-Request-ID when it is a sane token, else a new one), echoed in the response.
@@ -154,16 +159,14 @@ class RequestIdMiddleware:
             if name == b"x-request-id":
                 raw = value
                 break
-        if not _SAFE_ID.fullmatch(raw):
-            raw = os.urandom(16).hex().encode()
-        request_id = raw.decode()
+        raw = request_id(raw)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", raw)]
             await send(message)
 
-        tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
+        tokens = structlog.contextvars.bind_contextvars(request_id=raw.decode())
         try:
             await self.app(scope, receive, send_with_id)
         finally:

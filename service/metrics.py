@@ -288,6 +288,12 @@ def _observe(scope: Scope, status: str, seconds: float) -> None:
     route = scope.get("route")
     template = getattr(route, "path", None) or scope.get(ROUTE_KEY) or "unmatched"
     method = scope["method"] if scope["method"] in _METHODS else "other"
+    observe_http(method, template, status, seconds)
+
+
+def observe_http(method: str, template: str, status: str, seconds: float) -> None:
+    """One answered request, for a layer that answers in front of HttpMetrics (the cached
+    reads' fast path): the same series the middleware would have counted it in."""
     key = (method, template, status)
     children = _children.get(key)
     if children is None:

@@ -18,6 +18,9 @@ throughput. So this protocol keeps httptools and measures the request head itsel
   finish sending it, then is closed;
 - a request httptools cannot parse is a `400` problem+json (uvicorn answers plain text).
 
+It also writes a response's head and body in one system call where uvicorn makes two
+(`_JoinedWrites`): for a cached read that second send() was the largest single cost.
+
 The body is bounded by the receiver itself (size and MIRROR_BODY_TIMEOUT_S), connections per
 process by uvicorn's `limit_concurrency` (MIRROR_MAX_CONNECTIONS).
 """
@@ -44,14 +47,24 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._heads = 0  # heads completed so far: tells whether one ended within a chunk
         self._tail = b""  # the last bytes of the head so far: its blank line may straddle chunks
-        self._head_deadline: asyncio.TimerHandle | None = None
+        # When the head now awaited must be complete (None: none is awaited), and the one timer
+        # that checks it. Re-arming a timer for every request (a cancel and a call_later each)
+        # cost a visible share of a cached read; moving the deadline is an assignment, and the
+        # timer, when it fires early, waits again for the deadline as it stands then.
+        self._head_due: float | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._writes = _JoinedWrites(transport, self.loop)
         self._arm_head_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_head_deadline()
+        self._head_due = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._writes.drop()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -60,6 +73,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._in_head:
             room = max(self._max_head - self._head_bytes, 0)
             if len(data) > room and b"\r\n\r\n" not in self._tail + data[: room + 4]:
+                self._writes.flush()
                 _send_problem(self.transport, 431, "header_too_large", _TOO_LARGE)
                 return
         heads = self._heads
@@ -73,12 +87,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._heads += 1
         self._cancel_head_deadline()
         super().on_headers_complete()
+        if self.cycle is not None:
+            self.cycle.transport = self._writes
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head = True
 
     def on_response_complete(self) -> None:
+        self._writes.flush()
         super().on_response_complete()
         if not self.transport.is_closing():
             # Also when the answer came before the request's body was in (413, 408): the rest
@@ -88,21 +105,63 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._arm_head_deadline()
 
     def send_400_response(self, msg: str) -> None:
+        self._writes.flush()
         _send_problem(self.transport, 400, "bad_request", "Invalid HTTP request")
 
     def _arm_head_deadline(self) -> None:
-        self._cancel_head_deadline()
-        self._head_deadline = self.loop.call_later(self.timeout_keep_alive, self._head_too_slow)
+        self._head_due = self.loop.time() + self.timeout_keep_alive
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_at(self._head_due, self._check_head_deadline)
 
     def _cancel_head_deadline(self) -> None:
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
+        self._head_due = None
 
-    def _head_too_slow(self) -> None:
-        self._head_deadline = None
-        if not self.transport.is_closing():
+    def _check_head_deadline(self) -> None:
+        self._head_timer = None
+        if self._head_due is None:
+            return  # a head came in time; the next arm starts a timer again
+        if self.loop.time() < self._head_due:
+            self._head_timer = self.loop.call_at(self._head_due, self._check_head_deadline)
+        elif not self.transport.is_closing():
             self.transport.close()
+
+
+class _JoinedWrites(asyncio.Transport):
+    """The transport as uvicorn's response cycle sees it (it calls write, close and is_closing
+    only): a write is held until the cycle's next write, which goes out with it, or until the
+    loop's next turn. A response's head and its body, sent by the app one after the other,
+    thus leave in one write; a streamed response's head and chunks leave as they did, a turn
+    later at most. What the protocol writes itself (a 400 or 431) goes after what is held."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._transport = transport
+        self._loop = loop
+        self._held = b""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._held:
+            joined, self._held = self._held + data, b""
+            self._transport.write(joined)
+        elif data:
+            self._held = bytes(data)
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        if self._held:
+            held, self._held = self._held, b""
+            if not self._transport.is_closing():
+                self._transport.write(held)
+
+    def drop(self) -> None:
+        self._held = b""
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
 
 
 def _send_problem(transport: asyncio.Transport, status: int, code: str, title: str) -> None:

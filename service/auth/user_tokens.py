@@ -87,17 +87,24 @@ class UserTokens:
         now = int(self._clock())
         return mint(self._keys[0].decode(), user_id, audience, ttl_s, now), now + ttl_s
 
+    def remembered(self, token: str) -> Principal | None:
+        """The principal of a token verified before and not yet expired; None for any other
+        (one never seen, refused or expired), which only `verify` judges."""
+        known = self._verdicts.get(token)
+        if known is None or known.expires_at <= self._clock():
+            return None
+        self._verdicts.move_to_end(token)
+        return known
+
     def verify(self, token: str) -> Principal:
         """The principal of a valid token; else `unauthorized`, or `token_expired`."""
-        now = self._clock()
-        known = self._verdicts.get(token)
+        known = self.remembered(token)
         if known is not None:
-            if known.expires_at <= now:
-                del self._verdicts[token]
-                raise token_expired()
-            self._verdicts.move_to_end(token)
             return known
-        principal = self._decode(token, now)
+        if token in self._verdicts:  # verified once, expired since
+            del self._verdicts[token]
+            raise token_expired()
+        principal = self._decode(token, self._clock())
         self._verdicts[token] = principal
         while len(self._verdicts) > self._max:
             self._verdicts.popitem(last=False)

@@ -23,6 +23,7 @@ from service.config import Settings
 from service.dev.samples import build_delivery
 from tests.support.config import API_TOKEN, SECOND_SECRET, SECRET
 from tests.support.harness import Process, free_port, serve, service_env
+from tests.support.scrape import sample
 
 yaml: Any = importlib.import_module("yaml")
 
@@ -94,14 +95,6 @@ def test_every_queried_metric_is_exported(migrated: str, redis_url: str, tmp_pat
     for artifact, names in queried_names().items():
         assert names, f"{artifact} queries nothing?"
         assert names <= exported, f"{artifact} queries unknown metrics: {names - exported}"
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return float(s.value)
-    return 0.0
 
 
 async def test_http_metrics_by_route_template_and_status(http: httpx.AsyncClient) -> None:

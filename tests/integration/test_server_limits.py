@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from tests.support.config import API_TOKEN
 from tests.support.harness import serve, service_env
 
 MAX_HEADER_BYTES = 16_384
@@ -107,6 +108,30 @@ def test_pipelined_requests_are_each_answered(url: str) -> None:
             while chunk := sock.recv(65536):
                 data += chunk
     assert data.count(b"HTTP/1.1 200") == 4, data
+
+
+def test_a_streamed_answer_sends_its_head_before_any_event(url: str) -> None:
+    """A response's first write waits for its next one, to leave with it (service/server.py);
+    a stream with no event to send still gets its head at once."""
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    end = None  # past every change stored so far: the stream has nothing to send
+    while True:
+        page = httpx.get(f"{url}/v1/changes", params={"after": end} if end else {}, headers=auth)
+        end = page.json()["next_cursor"]
+        if not page.json()["data"]:
+            break
+    request = (
+        f"GET /v1/changes/stream?after={end} HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {API_TOKEN}\r\n\r\n"
+    )
+    with _connect(url) as sock:
+        sock.settimeout(KEEPALIVE_S)
+        sock.sendall(request.encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+    assert data.startswith(b"HTTP/1.1 200"), data
+    assert b"content-type: text/event-stream" in data.lower()
 
 
 @pytest.mark.parametrize("sends", [b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\n"])

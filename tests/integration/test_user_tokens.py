@@ -19,16 +19,20 @@ import httpx
 import jwt
 import pytest
 from starlette.routing import Route
+from starlette.types import Message
 
 from service import store
 from service.app import create_app
+from service.auth.user_tokens import UserTokens
 from service.config import Settings
 from service.dev.samples import build_delivery
+from service.read.cached import FastBuddyReads
 from service.read.schemas import BuddyOut, BuddyPage, ProblemOut, UserTokenOut
 from tests.support.config import ADMIN_TOKEN, API_TOKEN, SECRET, make_settings
 from tests.support.fake_hatched import DEFAULT_API_KEY, FakeHatched, buddy_json, serve_fake
 from tests.support.harness import Process, free_port, serve, service_env, wait_for_http
 from tests.support.running import running_worker, serving, wait_settled
+from tests.support.scrape import sample
 
 # 64 bytes: long enough for HS384 too, so PyJWT does not warn about the key when a test signs
 # with the wrong algorithm on purpose.
@@ -266,6 +270,150 @@ async def test_cached_buddies_keep_to_their_user(http: httpx.AsyncClient, seeded
             answer = await http.get("/v1/buddies/buddy_b1", headers=bearer(mine))
             assert problem(answer, 404, "buddy_not_found") == expected
             assert "etag" not in answer.headers
+
+
+def without_transport(r: httpx.Response) -> tuple[int, list[tuple[str, str]], bytes]:
+    """An answer less what differs between any two answers (date, server, request id)."""
+    skip = {"date", "server", "x-request-id"}
+    return r.status_code, [h for h in r.headers.multi_items() if h[0] not in skip], r.content
+
+
+async def test_a_remembered_token_on_a_cached_buddy_is_answered_as_the_stack_does(
+    http: httpx.AsyncClient, seeded: None
+) -> None:
+    """The second read of a cached buddy with the same user token is answered in front of
+    every middleware (service/read/cached.py, FastBuddyReads): the same bytes and headers, a
+    request id, the same 304, counted in the same HTTP metrics; another user's token still
+    gets the missing buddy's answer."""
+    assert (await http.get("/v1/buddies/buddy_a1", headers=READ)).status_code == 200  # cached
+    mine = bearer(token("user_a"))
+    first = await http.get("/v1/buddies/buddy_a1", headers=mine)  # verified by the guard
+    before = (await http.get("/metrics")).text
+    again = await http.get("/v1/buddies/buddy_a1", headers={**mine, "X-Request-ID": "r-9"})
+    assert first.status_code == 200 and without_transport(again) == without_transport(first)
+    assert again.headers["x-request-id"] == "r-9"
+    generated = await http.get("/v1/buddies/buddy_a1", headers={**mine, "X-Request-ID": "a b"})
+    assert re.fullmatch(r"[0-9a-f]{32}", generated.headers["x-request-id"])
+    conditional = {**mine, "If-None-Match": first.headers["etag"]}
+    unchanged = await http.get("/v1/buddies/buddy_a1", headers=conditional)
+    assert unchanged.status_code == 304 and unchanged.content == b""
+    assert (
+        unchanged.headers["etag"] == first.headers["etag"] and "x-request-id" in unchanged.headers
+    )
+    assert (await http.get("/v1/buddies/buddy_a1", headers=READ)).status_code == 200
+    after = (await http.get("/metrics")).text
+
+    def counted(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    route = "/v1/buddies/{buddy_id}"
+    total = "hatched_mirror_http_requests_total"
+    assert counted(total, method="GET", route=route, status="200") == 3
+    assert counted(total, method="GET", route=route, status="304") == 1
+    assert counted("hatched_mirror_http_request_seconds_count", route=route, status="200") == 3
+    # user_b's token, remembered too, at user_a's cached buddy: the answer for a missing one.
+    theirs = bearer(token("user_b"))
+    assert (await http.get("/v1/buddies/buddy_b1", headers=theirs)).status_code == 200
+    expected = await missing_buddy_answer(http, "", "buddy_a1")
+    for _ in range(2):
+        answer = await http.get("/v1/buddies/buddy_a1", headers=theirs)
+        assert problem(answer, 404, "buddy_not_found") == expected
+
+
+async def test_a_remembered_token_that_expired_is_token_expired(
+    http: httpx.AsyncClient, seeded: None
+) -> None:
+    assert (await http.get("/v1/buddies/buddy_a1", headers=READ)).status_code == 200
+    brief = bearer(token("user_a", exp=int(time.time()) + 2))
+    for _ in range(2):  # verified, then answered from the remembered verdict
+        assert (await http.get("/v1/buddies/buddy_a1", headers=brief)).status_code == 200
+    await asyncio.sleep(max(0.0, int(time.time()) + 2.1 - time.time()) + 1)
+    for _ in range(2):
+        answer = await http.get("/v1/buddies/buddy_a1", headers=brief)
+        problem(answer, 401, "token_expired")
+
+
+async def test_cached_reads_carry_the_cors_headers_of_the_stack(
+    migrated: str, redis_url: str, db: store.Pool, seeded: None
+) -> None:
+    settings = user_settings(migrated, redis_url, MIRROR_CORS_ORIGINS="https://app.example")
+    async with serving(create_app(settings)) as url, httpx.AsyncClient(base_url=url) as client:
+        assert (await client.get("/v1/buddies/buddy_a1", headers=READ)).status_code == 200
+        mine = bearer(token("user_a"))
+        for origin in ({"Origin": "https://app.example"}, {"Origin": "https://evil.example"}, {}):
+            for credentials in (mine, READ):
+                headers = {**credentials, **origin}
+                # With a new token the stack answers first; the same read again, in front.
+                first = await client.get("/v1/buddies/buddy_a1", headers=headers)
+                again = await client.get("/v1/buddies/buddy_a1", headers=headers)
+                assert first.status_code == 200
+                assert without_transport(again) == without_transport(first), origin
+            mine = bearer(token("user_a", n=len(origin)))
+        allowed = {**READ, "Origin": "https://app.example"}
+        answer = await client.get("/v1/buddies/buddy_a1", headers=allowed)
+        assert answer.headers["access-control-allow-origin"] == "https://app.example"
+        assert answer.headers["access-control-expose-headers"] == "ETag"
+
+
+async def test_only_good_tokens_on_cached_buddies_skip_the_stack(
+    settings: Settings, seeded: None
+) -> None:
+    """In process, on the real app's cache (filled from Postgres): what FastBuddyReads answers
+    itself, and what it leaves to the middleware stack behind it."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        state = app.state.mirror
+        await asyncio.wait_for(state.broadcaster.connected.wait(), 10)
+        tokens = UserTokens(settings.user_token_secrets, settings.user_token_max_ttl_s)
+        mine, theirs, fresh = token("user_a"), token("user_b"), token("user_a", n=1)
+        tokens.verify(mine)
+        tokens.verify(theirs)
+
+        async def through(path: str, *headers: tuple[bytes, bytes], query: bytes = b"") -> Any:
+            sent: list[Message] = []
+            reached: list[str] = []
+
+            async def stack(scope: Any, receive: Any, send: Any) -> None:
+                reached.append(scope["path"])
+                await app(scope, receive, send)
+
+            async def receive() -> dict[str, Any]:
+                return {"type": "http.request", "body": b""}
+
+            async def send(message: Message) -> None:
+                sent.append(message)
+
+            scope = {
+                "type": "http",
+                "method": "GET",
+                "path": path,
+                "root_path": "",
+                "query_string": query,
+                "headers": [(b"host", b"mirror"), *headers],
+                "app": app,
+            }
+            await FastBuddyReads(stack, tokens=tokens)(scope, receive, send)
+            return ("stack" if reached else "fast"), sent[0]["status"]
+
+        def auth(value: str) -> tuple[bytes, bytes]:
+            return (b"authorization", f"Bearer {value}".encode())
+
+        assert await through("/v1/buddies/buddy_a1", auth(API_TOKEN)) == ("stack", 200)  # miss
+        assert await through("/v1/buddies/buddy_a1", auth(API_TOKEN)) == ("fast", 200)
+        assert await through("/v1/buddies/buddy_a1", auth(mine)) == ("fast", 200)
+        tag = (b"if-none-match", b'"buddy_a1.1"')
+        assert await through("/v1/buddies/buddy_a1", auth(mine), tag) == ("fast", 304)
+        for left, status in (
+            (through("/v1/buddies/buddy_a1", auth(theirs)), 404),
+            (through("/v1/buddies/buddy_a1", auth(fresh)), 200),  # never verified here
+            (through("/v1/buddies/buddy_a1", auth(ADMIN_TOKEN)), 401),
+            (through("/v1/buddies/buddy_a1"), 401),
+            (through("/v1/buddies/buddy_a1", auth(mine), auth(API_TOKEN)), 200),
+            (through("/v1/buddies/buddy_a1", auth(mine), tag, tag), 304),
+            (through("/v1/buddies/buddy_a1", auth(mine), query=b"x=1"), 200),
+            (through("/v1/buddies/buddy_nope", auth(API_TOKEN)), 404),
+        ):
+            assert await left == ("stack", status)
 
 
 @pytest.mark.parametrize(
