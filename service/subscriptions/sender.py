@@ -25,8 +25,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 
+import aiohttp
 import asyncpg
-import httpx
 import structlog
 
 from service import __version__, metrics
@@ -96,19 +96,21 @@ class Dispatcher:
         self._ready: deque[str] = deque()
         self._backoff: list[tuple[float, str]] = []
         self._sending: set[asyncio.Task[Outcome]] = set()
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.subscription_timeout_s),
-            follow_redirects=False,
-            limits=httpx.Limits(
-                max_connections=settings.subscription_max_in_flight,
-                max_keepalive_connections=settings.subscription_max_in_flight,
-            ),
-            headers={"user-agent": f"hatched-mirror/{__version__}"},
-            trust_env=False,
-        )
+        # Created in start(): a session belongs to the running event loop.
+        self._client: aiohttp.ClientSession | None = None
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        settings = self._settings
+        self._client = aiohttp.ClientSession(
+            # One connection per request in flight, kept alive between them; no proxy from
+            # the environment, and the answer's body is never decompressed.
+            connector=aiohttp.TCPConnector(limit=settings.subscription_max_in_flight),
+            timeout=aiohttp.ClientTimeout(total=settings.subscription_timeout_s),
+            headers={"user-agent": f"hatched-mirror/{__version__}"},
+            auto_decompress=False,
+            trust_env=False,
+        )
         self.task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
@@ -119,7 +121,8 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._sending.clear()
-        await self._client.aclose()
+        if self._client is not None:
+            await self._client.close()
 
     def forget(self, buddy_id: str) -> None:
         """An erased buddy: its changes are not sent (erasure deleted them from the outbox)."""
@@ -178,6 +181,8 @@ class Dispatcher:
             finished = [t for t in self._sending if t.done()]
             if finished:
                 self._sending.difference_update(finished)
+                # Their slots serve other buddies while the answers are recorded.
+                self._dispatch()
                 status = await self._settle([t.result() for t in finished])
                 if status is None or status == "disabled":
                     log.warning("subscription_stopped", subscription_id=sid, status=status)
@@ -275,20 +280,17 @@ class Dispatcher:
         return status
 
     async def _send(self, entry: store.Pending) -> Outcome:
+        assert self._client is not None
         headers = signed_headers(self.sub.secret, entry.change_id, entry.doc, time.time())
         try:
-            async with self._client.stream(
-                "POST", self.sub.url, content=entry.doc.encode(), headers=headers
+            async with self._client.post(
+                self.sub.url, data=entry.doc.encode(), headers=headers, allow_redirects=False
             ) as answer:
-                read = 0
-                async for chunk in answer.aiter_raw():
-                    read += len(chunk)
-                    if read >= MAX_ANSWER_BYTES:
-                        break
-                status = answer.status_code
-        except httpx.TimeoutException:
+                await answer.content.read(MAX_ANSWER_BYTES)
+                status = answer.status
+        except TimeoutError:
             return Outcome(entry, False, "timeout", "timed out")
-        except (httpx.HTTPError, OSError) as exc:
+        except (aiohttp.ClientError, OSError) as exc:
             return Outcome(entry, False, "unreachable", error_text(f"{type(exc).__name__}: {exc}"))
         if 200 <= status < 300:
             return Outcome(entry, True, "delivered")
