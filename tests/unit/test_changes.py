@@ -99,11 +99,15 @@ def test_replaying_the_diffs_from_nothing_rebuilds_the_buddy(
         if changed:
             versions += 1
             for name, change in changed.items():
-                assert rebuilt[name] == change["from"]
+                # `last_event_at` also moves alone, with no entry: its `from` may be newer.
+                if name != "last_event_at":
+                    assert rebuilt[name] == change["from"]
                 rebuilt[name] = change["to"]
         state = after
     assert state is not None and versions >= 1
     final = view(state)
     last_seen = rebuilt.pop("last_event_at")
     assert rebuilt == {k: v for k, v in final.items() if k != "last_event_at"}
-    assert last_seen is not None and last_seen <= final["last_event_at"]
+    # As times: ISO strings with and without a fraction do not sort as their instants.
+    assert last_seen is not None
+    assert datetime.fromisoformat(last_seen) <= datetime.fromisoformat(final["last_event_at"])
