@@ -148,7 +148,18 @@ async def backlog(ctx: Ctx) -> Section:
             ],
         )
     )
+    # Issue 20: an applied delivery against the bare upsert of one buddy row, same run.
+    machine_us = 1e6 * cpu.machine_busy_s / p.backlog
+    e_us = e[1]["machine_cpu_us"]
+    vs_e1, vs_e4 = ratio(rate, e[1]["rows_per_s"]), ratio(rate, e[4]["rows_per_s"])
     sec.targets += [
+        Target(
+            "machine CPU per applied delivery ≤ 2.0x (e)'s per upserted row",
+            f"{ratio(machine_us, e_us)}x ({machine_us:.1f} µs against {e_us} µs)",
+            judge(p, machine_us <= 2.0 * e_us),
+        ),
+        Target("drain ≥ 0.9x (e) on one connection", f"{vs_e1}x", judge(p, vs_e1 >= 0.9)),
+        Target("drain ≥ 0.5x (e) on four connections", f"{vs_e4}x", judge(p, vs_e4 >= 0.5)),
         Target("apply ≥ 10,000 deliveries/s", f"{rate:,.0f}/s", judge(p, rate >= 10_000)),
         Target(
             "apply ≥ 15x baseline (d)",

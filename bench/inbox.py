@@ -16,8 +16,9 @@ from bench.load import Delivery
 from bench.procs import QUEUE, SECRET, BenchError, Proc
 from service import store
 from service.ingest.events import parse_delivery
+from service.ingest.receiver import stored_delivery
 from service.ingest.signatures import verify
-from service.ingest.wakeups import Waker, shard_of
+from service.ingest.wakeups import Waker
 
 COPY_BATCH = 5_000
 _KEPT_PREFIXES = ("x-hatched-", "hatched-")
@@ -30,20 +31,14 @@ def as_stored(d: Delivery, shards: int) -> store.NewDelivery:
     verified = verify(d.body, headers, [SECRET], time.time(), 10**9)
     signed_at = datetime.fromtimestamp(verified.timestamp, UTC)
     parsed = parse_delivery(d.body, headers, verified.format, signed_at)
-    event = parsed.event
-    return store.NewDelivery(
-        delivery_id=parsed.delivery_id,
-        format=verified.format,
-        event_type=event.type if event is not None else parsed.raw_type,
-        event_id=event.event_id if event is not None else None,
-        buddy_id=parsed.buddy_id,
-        shard=shard_of(parsed.buddy_id, shards) if parsed.buddy_id else 0,
-        occurred_at=event.occurred_at if event is not None else None,
-        signed_at=signed_at,
-        headers={k: v for k, v in headers.items() if k.startswith(_KEPT_PREFIXES)},
-        body=d.body,
-        status=parsed.status,
-        reason=parsed.reason,
+    return stored_delivery(
+        parsed,
+        verified.format,
+        signed_at,
+        {k: v for k, v in headers.items() if k.startswith(_KEPT_PREFIXES)},
+        d.body,
+        shards=shards,
+        signature=None,
     )
 
 

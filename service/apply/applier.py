@@ -18,7 +18,7 @@ from service import store
 from service.apply.changes import Cause, CauseKind, diff, entry, grows
 from service.apply.projector import Buddy, project
 from service.hatched.refresh import REFRESH_EVENT, parse_snapshot
-from service.ingest.events import Event, Parsed, parse_delivery
+from service.ingest.events import PARSER, Event, Parsed, parse_delivery, stored_event
 from service.store import erasure
 
 log = structlog.get_logger(__name__)
@@ -106,7 +106,7 @@ async def apply_batch(
     """One batch in one transaction; the result and the rows claimed from each shard."""
     try:
         async with conn.transaction():
-            rows = await store.claim_batch(conn, shards, per_shard)
+            rows = await store.claim_batch(conn, shards, per_shard, PARSER)
             return await _apply_rows(conn, rows, limits.feed), Counter(r["shard"] for r in rows)
     except _DATA_ERRORS as exc:
         if isinstance(exc, _CONNECTION_ERRORS):
@@ -121,7 +121,7 @@ async def _apply_isolated(
     conn: store.Conn, shards: Sequence[int], per_shard: int, limits: ApplyLimits
 ) -> tuple[BatchResult, Counter[int]]:
     async with conn.transaction():
-        rows = await store.claim_batch(conn, shards, per_shard)
+        rows = await store.claim_batch(conn, shards, per_shard, PARSER)
     groups: dict[str | None, list[asyncpg.Record]] = defaultdict(list)
     for row in rows:
         groups[_buddy_of(row)].append(row)
@@ -142,7 +142,7 @@ async def _apply_group(
     seqs = [r["seq"] for r in rows]
     try:
         async with conn.transaction():
-            part = await _apply_rows(conn, await store.claim_seqs(conn, seqs), limits.feed)
+            part = await _apply_rows(conn, await store.claim_seqs(conn, seqs, PARSER), limits.feed)
         result.add(part, claimed=False)
         return
     except _DATA_ERRORS as exc:
@@ -174,7 +174,20 @@ def error_kind(exc: BaseException) -> str:
 
 
 def parse_row(row: asyncpg.Record) -> Parsed:
-    """A stored delivery, read again from its raw bytes: webhooks and REST snapshots alike."""
+    """A stored delivery as an event: from the data the receiver stored with it when its
+    normaliser is this one (store's claims send it only then), else read again from its raw
+    bytes (webhooks of older rows and REST snapshots)."""
+    data = row.get("event_data")
+    if data is not None:
+        return stored_event(
+            row["delivery_id"],
+            row["event_type"],
+            row["event_id"],
+            row["buddy_id"],
+            row["occurred_at"],
+            row["signed_at"],
+            data,
+        )
     if row["format"] == "rest":
         return parse_snapshot(row["delivery_id"], bytes(row["body"]), row["signed_at"])
     return parse_delivery(bytes(row["body"]), row["headers"], row["format"], row["signed_at"])
@@ -290,7 +303,7 @@ async def rebuild_buddy(conn: store.Conn, buddy_id: str, *, feed: bool = True) -
         if buddy_id not in current and await erasure.is_forgotten(conn, buddy_id):
             return False  # erased: nothing of it may be written again
         events = []
-        for row in await store.applied_deliveries(conn, buddy_id):
+        for row in await store.applied_deliveries(conn, buddy_id, PARSER):
             parsed = parse_row(row)
             if parsed.event is not None and parsed.status == "accepted":
                 events.append((row["seq"], parsed.event))

@@ -1,7 +1,9 @@
 """The canonical event: one shape for both of Hatched's wire formats.
 
-Pure: no I/O. The receiver calls `parse_delivery` to classify a verified delivery; the worker calls
-it again on the stored raw bytes, so a later version of this module can re-read the whole log.
+Pure: no I/O. The receiver calls `parse_delivery` to classify a verified delivery and stores the
+event's data beside the raw bytes (`stored_data`); the worker rebuilds the event from that
+(`stored_event`). A delivery stored by another version of the normaliser (`PARSER`) is parsed
+again from its raw bytes, so a later version of this module can still re-read the whole log.
 
 Every id it returns obeys `service.ids` (length and characters), every time is within
 `MIN_TIME`..`MAX_TIME` and no body is deeper than `MAX_DEPTH`: a delivery breaking one is dead,
@@ -116,6 +118,12 @@ MAX_DEPTH = 32
 # would also win every last-writer-wins comparison for good.
 MIN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_TIME = datetime(3000, 1, 1, tzinfo=UTC)
+
+
+# The version of the normalisation below, stored with each delivery's data
+# (deliveries.event_parser). Bump it whenever parse_delivery would give a stored body another
+# event than before: the worker then parses deliveries stored under the old number again.
+PARSER = 1
 
 
 class _Dead(Exception):
@@ -233,6 +241,30 @@ def parse_delivery(
     return Parsed(
         delivery_id, "unmapped", f"unknown_event_type:{event_type}", raw_type, buddy_id, event
     )
+
+
+def stored_data(parsed: Parsed) -> str | None:
+    """What the receiver stores as `deliveries.event_data`: the event's data as JSON text, for
+    a delivery the worker will apply; None otherwise (the worker never reads it)."""
+    if parsed.status != "accepted" or parsed.event is None:
+        return None
+    return orjson.dumps(parsed.event.data).decode()
+
+
+def stored_event(
+    delivery_id: str,
+    event_type: str,
+    event_id: str | None,
+    buddy_id: str,
+    occurred_at: datetime,
+    signed_at: datetime,
+    data_json: str,
+) -> Parsed:
+    """The accepted delivery `parse_delivery` gave at receipt, from the columns stored with it
+    (the data from `stored_data`), without reading the body again."""
+    data = orjson.loads(data_json)
+    event = Event(delivery_id, event_id, event_type, buddy_id, occurred_at, signed_at, data)
+    return Parsed(delivery_id, "accepted", None, event_type, buddy_id, event)
 
 
 def _normalise_data(payload: dict[str, Any]) -> dict[str, Any]:

@@ -154,6 +154,8 @@ class Inbox:
             buddy_id=None,
             shard=0,
             occurred_at=None,
+            event_data=None,
+            event_parser=None,
             status="dead",
             reason=f"store_refused: {error}",
         )

@@ -13,7 +13,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from service import logs, metrics, store
-from service.ingest.events import parse_delivery
+from service.ingest.events import PARSER, Format, Parsed, parse_delivery, stored_data
 from service.ingest.inbox import DeliveryRefused
 from service.ingest.signatures import SignatureError, ambiguous_header, verify
 from service.ingest.wakeups import shard_of
@@ -80,6 +80,39 @@ def _too_large(limit: int) -> Problem:
     return Problem(413, "payload_too_large", "Payload too large", f"body exceeds {limit} bytes")
 
 
+def stored_delivery(
+    parsed: Parsed,
+    fmt: Format,
+    signed_at: datetime,
+    headers: dict[str, str],
+    body: bytes,
+    *,
+    shards: int,
+    signature: bytes | None,
+) -> store.NewDelivery:
+    """The inbox row of a verified, classified webhook: the raw delivery, what it was
+    classified as, and the event's data for the worker to apply without parsing it again."""
+    event = parsed.event
+    data = stored_data(parsed)
+    return store.NewDelivery(
+        delivery_id=parsed.delivery_id,
+        format=fmt,
+        event_type=event.type if event is not None else parsed.raw_type,
+        event_id=event.event_id if event is not None else None,
+        buddy_id=parsed.buddy_id,
+        shard=shard_of(parsed.buddy_id, shards) if parsed.buddy_id else 0,
+        occurred_at=event.occurred_at if event is not None else None,
+        signed_at=signed_at,
+        headers=headers,
+        body=body,
+        status=parsed.status,
+        reason=parsed.reason,
+        signature=signature,
+        event_data=data,
+        event_parser=PARSER if data is not None else None,
+    )
+
+
 async def receive(request: Request) -> Response:
     state: AppState = request.app.state.mirror
     settings = state.settings
@@ -112,20 +145,13 @@ async def receive(request: Request) -> Response:
     parsed = parse_delivery(body, headers, verified.format, signed_at)
     # From here on every line about this delivery says which one (and whose).
     structlog.contextvars.bind_contextvars(delivery_id=parsed.delivery_id, buddy_id=parsed.buddy_id)
-    event = parsed.event
-    delivery = store.NewDelivery(
-        delivery_id=parsed.delivery_id,
-        format=verified.format,
-        event_type=event.type if event is not None else parsed.raw_type,
-        event_id=event.event_id if event is not None else None,
-        buddy_id=parsed.buddy_id,
-        shard=shard_of(parsed.buddy_id, settings.shards) if parsed.buddy_id else 0,
-        occurred_at=event.occurred_at if event is not None else None,
-        signed_at=signed_at,
-        headers=headers,
-        body=body,
-        status=parsed.status,
-        reason=parsed.reason,
+    delivery = stored_delivery(
+        parsed,
+        verified.format,
+        signed_at,
+        headers,
+        body,
+        shards=settings.shards,
         signature=verified.replay_key(),
     )
     try:

@@ -61,7 +61,11 @@ async def create_pool(
         # plan cached while a table was still empty (a new install filling up) is a sequential
         # scan, and a pooled connection keeps it until an ANALYZE: lookups then grow with the
         # table. Planning each execution costs a few dozen microseconds and cannot go stale.
-        server_settings={"plan_cache_mode": "force_custom_plan"},
+        # Random reads priced near sequential ones (1.1, the usual figure for SSDs): the hot
+        # pages are in memory, and at the default of 4 the planner preferred to read all of
+        # `delivery_states` over a few hundred probes of its primary key when marking a batch
+        # applied (a table of ~100,000 rows without fresh statistics; bench/BENCHMARKS.md).
+        server_settings={"plan_cache_mode": "force_custom_plan", "random_page_cost": "1.1"},
     )
     assert pool is not None
     return pool

@@ -17,6 +17,7 @@ import pytest
 from service import store
 from service.apply.replay import requeue
 from service.config import Settings
+from service.ingest.events import PARSER
 from tests.support.config import API_TOKEN, SECRET
 from tests.support.databases import scratch_database
 from tests.support.harness import run_command, service_env
@@ -147,7 +148,7 @@ async def test_an_existing_inbox_keeps_every_outcome_across_the_state_table_migr
                 # The worker's own queries see the same: the one due delivery, the applied
                 # event, the dead count.
                 async with conn.transaction():
-                    claimed = await store.claim_batch(conn, [3], 10)
+                    claimed = await store.claim_batch(conn, [3], 10, PARSER)
                 assert [r["delivery_id"] for r in claimed] == ["d4"]
                 assert await store.seen_event_ids(conn, ["evt_1", "evt_2"]) == {"evt_1"}
                 pending, _, dead = await store.inbox_stats(conn)
@@ -205,7 +206,7 @@ async def test_a_delivery_the_previous_release_stores_during_the_split_is_applie
                 assert (await store.migrate(conn))[:1] == ["0009_orphan_delivery_states"]
                 assert await pool.fetch(stateless) == []
                 async with conn.transaction():
-                    claimed = await store.claim_batch(conn, [5], 10)
+                    claimed = await store.claim_batch(conn, [5], 10, PARSER)
                 assert [r["delivery_id"] for r in claimed] == ["late"]
         finally:
             await pool.close()

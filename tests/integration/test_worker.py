@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 import httpx
+import orjson
 import pytest
 
 from service import store
@@ -17,6 +18,7 @@ from service.apply.projector import mirrored
 from service.apply.worker import apply_idle_shards
 from service.config import Settings
 from service.dev.samples import build_delivery
+from service.ingest.events import PARSER
 from service.ingest.signatures import signature_headers
 from tests.support.config import SECRET, make_settings
 from tests.support.running import running_worker, serving, wait_settled
@@ -50,6 +52,41 @@ async def test_delivery_is_stored_without_worker_and_applied_when_one_starts(
     assert await db.fetchval("SELECT status FROM delivery_states") == "applied"
     found = await store.get_buddy(db, "buddy_late")
     assert found is not None and found[0].name == "Pip"
+
+
+async def test_the_event_stored_at_receipt_is_applied_and_other_versions_are_parsed_again(
+    settings: Settings, server: str, db: store.Pool
+) -> None:
+    """Parsed once: the worker applies the event data the receiver stored, not the body; a row
+    written by another version of the normaliser is read from its raw body again."""
+    once = build_delivery("coins.earned", "v2", secret=SECRET, buddy_id="buddy_parsed_once")
+    again = build_delivery("coins.earned", "v1", secret=SECRET, buddy_id="buddy_parsed_again")
+    assert await post_all(server, [once, again]) == [202, 202]
+    rows = {
+        r["buddy_id"]: r
+        for r in await db.fetch(
+            "SELECT seq, buddy_id, event_data::text AS data, event_parser FROM deliveries"
+        )
+    }
+    assert {r["event_parser"] for r in rows.values()} == {PARSER}
+    data = orjson.loads(rows["buddy_parsed_once"]["data"])
+    body_balance = orjson.loads(rows["buddy_parsed_again"]["data"])["balance"]
+    await db.execute(
+        "UPDATE deliveries SET event_data = $1::json WHERE seq = $2",
+        orjson.dumps({**data, "balance": 999}).decode(),
+        rows["buddy_parsed_once"]["seq"],
+    )
+    await db.execute(
+        "UPDATE deliveries SET event_data = '{}', event_parser = $1 WHERE seq = $2",
+        PARSER + 1,
+        rows["buddy_parsed_again"]["seq"],
+    )
+    async with running_worker(settings):
+        await wait_settled(db)
+    applied_once = await store.get_buddy(db, "buddy_parsed_once")
+    applied_again = await store.get_buddy(db, "buddy_parsed_again")
+    assert applied_once is not None and applied_once[0].coins == 999
+    assert applied_again is not None and applied_again[0].coins == body_balance
 
 
 async def test_redis_down_at_receipt_is_recovered_by_the_sweeper(
