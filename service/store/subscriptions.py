@@ -51,12 +51,16 @@ s.last_error, s.failing_since
 
 # A new subscription starts at the feed's present: every change committed from now on (and
 # those of transactions still running, which sort after the xmin).
-CREATE = """
-INSERT INTO subscriptions (subscription_id, url, fields, description, secret,
-                           cursor_txid, cursor_id)
-SELECT $1, $2, $3, $4, $5, pg_snapshot_xmin(pg_current_snapshot())::text::bigint, 0
-WHERE (SELECT count(*) FROM subscriptions) < $6
-RETURNING subscription_id, url, fields, description, secret, status, created_at
+# The NOTIFY (sent at commit) has the workers' senders look at once.
+CREATE = f"""
+WITH created AS (
+    INSERT INTO subscriptions (subscription_id, url, fields, description, secret,
+                               cursor_txid, cursor_id)
+    SELECT $1, $2, $3, $4, $5, pg_snapshot_xmin(pg_current_snapshot())::text::bigint, 0
+    WHERE (SELECT count(*) FROM subscriptions) < $6
+    RETURNING subscription_id, url, fields, description, secret, status, created_at
+)
+SELECT created.*, pg_notify('{SUBSCRIPTIONS_CHANNEL}', created.subscription_id) FROM created
 """
 
 LIST = f"""
@@ -103,8 +107,6 @@ async def create(
         secret,
         max_subscriptions,
     )
-    if row is not None:
-        await conn.execute("SELECT pg_notify($1, $2)", SUBSCRIPTIONS_CHANNEL, subscription_id)
     return row
 
 

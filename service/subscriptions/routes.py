@@ -30,7 +30,7 @@ MAX_BODY = 16_384
 MAX_ID_CHARS = 64
 
 
-def _not_found(subscription_id: str) -> Problem:
+def _not_found() -> Problem:
     return Problem(404, "subscription_not_found", "Subscription not found", "no such subscription")
 
 
@@ -38,7 +38,7 @@ def _subscription_id(request: Request) -> str:
     value: str = request.path_params["subscription_id"]
     if not is_valid_id(value, MAX_ID_CHARS):
         # No subscription has such an id: the same answer as an unknown one.
-        raise _not_found(value)
+        raise _not_found()
     return value
 
 
@@ -123,7 +123,7 @@ async def get_subscription(request: Request) -> Response:
     subscription_id = _subscription_id(request)
     row = await store.get(state.pool, subscription_id)
     if row is None:
-        raise _not_found(subscription_id)
+        raise _not_found()
     return json_response(_view(row), 200)
 
 
@@ -131,7 +131,7 @@ async def delete_subscription(request: Request) -> Response:
     state = admin_state(request)
     subscription_id = _subscription_id(request)
     if not await store.delete(state.pool, subscription_id):
-        raise _not_found(subscription_id)
+        raise _not_found()
     return Response(status_code=204)
 
 
@@ -139,7 +139,7 @@ async def enable_subscription(request: Request) -> Response:
     state = admin_state(request)
     subscription_id = _subscription_id(request)
     if not await store.enable(state.pool, subscription_id):
-        raise _not_found(subscription_id)
+        raise _not_found()
     return json_response({"subscription_id": subscription_id, "status": "active"}, 202)
 
 

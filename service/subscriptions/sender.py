@@ -308,10 +308,6 @@ class Sender:
         self._task: asyncio.Task[None] | None = None
         self._pool: Pool | None = None
 
-    @property
-    def owned(self) -> frozenset[str]:
-        return frozenset(self._dispatchers)
-
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
