@@ -78,9 +78,11 @@ class Dispatcher:
     """Sends one subscription's changes while this process owns it.
 
     The outbox in Postgres is the durable truth; the dispatcher holds the same entries in
-    memory, per buddy, so a round costs at most two statements however many sends it settles:
-    one to record the answers that came in, one to copy new feed entries when there are any.
-    A buddy's next change is sent only after its predecessor's acknowledgement is committed.
+    memory, per buddy. Three things run at once, so none waits for another: copying new feed
+    entries into the outbox (one statement per look at the feed), sending (a finished send
+    frees its slot for another buddy at once), and recording the answers that came in (one
+    statement for all of them, while the next ones arrive). A buddy's next change is sent only
+    after its predecessor's acknowledgement is committed.
     """
 
     def __init__(self, sub: store.Sendable, pool: Pool, settings: Settings) -> None:
@@ -93,9 +95,16 @@ class Dispatcher:
         self._feed_moved = True
         self._queues: dict[str, _Queue] = {}
         self._held = 0
+        self._room = asyncio.Event()
         self._ready: deque[str] = deque()
         self._backoff: list[tuple[float, str]] = []
+        self._timer: asyncio.TimerHandle | None = None
         self._sending: set[asyncio.Task[Outcome]] = set()
+        # Answers not yet recorded, and what wakes the recorder.
+        self._answers: list[Outcome] = []
+        self._answered = asyncio.Event()
+        self._failure: BaseException | None = None
+        self._stopped = False
         # Created in start(): a session belongs to the running event loop.
         self._client: aiohttp.ClientSession | None = None
         self.task: asyncio.Task[None] | None = None
@@ -116,6 +125,9 @@ class Dispatcher:
     async def stop(self) -> None:
         """Stop now: sends in flight are abandoned (their entries stay in the outbox and go
         out again, from whichever worker owns the subscription next)."""
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
         tasks = [t for t in (self.task, *self._sending) if t is not None]
         for task in tasks:
             task.cancel()
@@ -130,6 +142,72 @@ class Dispatcher:
         if queue is not None and not queue.in_flight:
             self._held -= len(queue.entries)
             del self._queues[buddy_id]
+            self._room.set()
+
+    def on_change(self) -> None:
+        self._feed_moved = True
+        self.wake.set()
+
+    async def _run(self) -> None:
+        self._add(await store.load(self._pool, self.sub.subscription_id, OUTBOX_LIMIT))
+        self._dispatch()
+        parts = [asyncio.create_task(self._fill()), asyncio.create_task(self._record())]
+        try:
+            done, _ = await asyncio.wait(parts, return_when=asyncio.FIRST_COMPLETED)
+            for part in done:
+                part.result()  # an error ends the dispatcher (the sender starts a new one)
+        finally:
+            for part in parts:
+                part.cancel()
+            await asyncio.gather(*parts, return_exceptions=True)
+
+    async def _fill(self) -> None:
+        """Copy the visible feed past the cursor into the outbox, whenever it may have moved."""
+        held = False
+        while True:
+            if self._held >= OUTBOX_LIMIT:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            if not self._feed_moved:
+                self.wake.clear()
+                # Entries held behind an older transaction are visible soon; without a
+                # NOTIFY, look anyway after a while (one may have been lost to a reconnect).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), HELD_WAIT_S if held else IDLE_WAIT_S)
+            # Cleared before the read: a NOTIFY that comes while it runs sets it again.
+            self._feed_moved = False
+            filled = await store.fill(
+                self._pool,
+                self.sub.subscription_id,
+                self.cursor,
+                self.sub.fields,
+                min(FILL_BATCH, OUTBOX_LIMIT - self._held),
+            )
+            if filled.cursor is not None:
+                self.cursor = filled.cursor
+            self._add(filled.queued)
+            self._dispatch()
+            held = filled.held
+            if filled.scanned > 0:
+                self._feed_moved = True  # a full page: there may be more at once
+
+    async def _record(self) -> None:
+        """Record the answers that came in, all in one statement, as long as they come."""
+        while True:
+            if self._failure is not None:
+                raise self._failure
+            if not self._answers:
+                self._answered.clear()
+                await self._answered.wait()
+                continue
+            answers, self._answers = self._answers, []
+            status = await self._settle(answers)
+            if status is None or status == "disabled":
+                log.warning(
+                    "subscription_stopped", subscription_id=self.sub.subscription_id, status=status
+                )
+                return
 
     def _add(self, entries: list[store.Pending]) -> None:
         now = time.monotonic()
@@ -149,46 +227,10 @@ class Dispatcher:
         else:
             heapq.heappush(self._backoff, (due, buddy_id))
 
-    async def _run(self) -> None:
-        sid = self.sub.subscription_id
-        self._add(await store.load(self._pool, sid, OUTBOX_LIMIT))
-        filled_at = time.monotonic()
-        while True:
-            self.wake.clear()
-            more = held = False
-            if time.monotonic() - filled_at >= IDLE_WAIT_S:
-                self._feed_moved = True  # a NOTIFY may have been lost (a reconnect, say)
-            if self._feed_moved and self._held < OUTBOX_LIMIT:
-                # Cleared before the read: a NOTIFY that comes while it runs sets it again.
-                self._feed_moved = False
-                filled_at = time.monotonic()
-                filled = await store.fill(
-                    self._pool,
-                    sid,
-                    self.cursor,
-                    self.sub.fields,
-                    min(FILL_BATCH, OUTBOX_LIMIT - self._held),
-                )
-                if filled.cursor is not None:
-                    self.cursor = filled.cursor
-                self._add(filled.queued)
-                more = filled.scanned > 0
-                held = filled.held
-                if more or held:
-                    self._feed_moved = True
-            self._dispatch()
-            await self._wait(more, held)
-            finished = [t for t in self._sending if t.done()]
-            if finished:
-                self._sending.difference_update(finished)
-                # Their slots serve other buddies while the answers are recorded.
-                self._dispatch()
-                status = await self._settle([t.result() for t in finished])
-                if status is None or status == "disabled":
-                    log.warning("subscription_stopped", subscription_id=sid, status=status)
-                    return
-
     def _dispatch(self) -> None:
+        """Send the head of every buddy that may go, while slots are free."""
+        if self._stopped:
+            return
         now = time.monotonic()
         while self._backoff and self._backoff[0][0] <= now:
             _, buddy_id = heapq.heappop(self._backoff)
@@ -202,30 +244,40 @@ class Dispatcher:
             if queue is None or queue.in_flight or not queue.entries:
                 continue
             queue.in_flight = True
-            self._sending.add(asyncio.create_task(self._send(queue.entries[0])))
+            task = asyncio.create_task(self._send(queue.entries[0]))
+            task.add_done_callback(self._sent)
+            self._sending.add(task)
             slots -= 1
+        self._arm_timer()
 
-    async def _wait(self, more: bool, held: bool) -> None:
-        if more:
-            return  # the feed may have more to copy now
-        if self._ready and len(self._sending) < self._settings.subscription_max_in_flight:
+    def _arm_timer(self) -> None:
+        """Wake dispatching when the earliest backoff ends."""
+        if not self._backoff:
             return
-        timeout = HELD_WAIT_S if held else IDLE_WAIT_S
-        if self._backoff:
-            timeout = min(timeout, max(0.0, self._backoff[0][0] - time.monotonic()))
-        if timeout <= 0 and not self._sending:
-            return
-        woken = asyncio.ensure_future(self.wake.wait())
-        try:
-            await asyncio.wait(
-                [woken, *self._sending], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            woken.cancel()
+        due = self._backoff[0][0]
+        if self._timer is not None:
+            if self._timer.when() <= due:
+                return
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(loop.time() + max(0.0, due - time.monotonic()), self._fire)
 
-    def on_change(self) -> None:
-        self._feed_moved = True
-        self.wake.set()
+    def _fire(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _sent(self, task: asyncio.Task[Outcome]) -> None:
+        """A send finished: its slot serves another buddy now, its answer waits to be
+        recorded (the buddy's next change waits for that)."""
+        self._sending.discard(task)
+        if task.cancelled() or self._stopped:
+            return
+        if (exc := task.exception()) is not None:
+            self._failure = exc
+        else:
+            self._answers.append(task.result())
+        self._answered.set()
+        self._dispatch()
 
     async def _settle(self, outcomes: list[Outcome]) -> str | None:
         settings = self._settings
@@ -277,6 +329,8 @@ class Dispatcher:
                 delivered=len(outcomes) - len(delays),
                 error=errors[-1] if errors else None,
             )
+        self._room.set()
+        self._dispatch()
         return status
 
     async def _send(self, entry: store.Pending) -> Outcome:
