@@ -25,6 +25,7 @@ from service.config import Settings
 from service.dev import demo as demo_page
 from service.ingest import receiver
 from service.ingest.events import DELIVERY_STATUSES
+from service.ingest.fast import FastWebhooks
 from service.ingest.inbox import Inbox
 from service.ingest.wakeups import Waker
 from service.logs import RequestIdMiddleware
@@ -94,7 +95,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return Problem(exc.status_code, code, str(exc.detail), headers=exc.headers).response()
 
 
-async def _unexpected(request: Request, exc: Exception) -> Response:
+async def unexpected_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, asyncpg.DataError):
         # The database refused a value from the request (a NUL in a path segment, say).
         return Problem(
@@ -380,9 +381,13 @@ def create_app(settings: Settings, *, demo: bool = False) -> Starlette:
             "allow_headers": ["Authorization", "If-None-Match", "Content-Type"],
             "expose_headers": ["ETag"],
         }
-    # In front of everything: a cached buddy read with a good token, answered with what the
-    # layers below would have added (metrics, request id, CORS); all else goes on through them.
-    middleware = [Middleware(FastBuddyReads, tokens=user_tokens, cors=cors)]
+    # In front of everything: a delivery, and a cached buddy read with a good token, answered
+    # with what the layers below would have added (metrics, request id, CORS, the exception
+    # handlers); all else goes on through them.
+    middleware = [
+        Middleware(FastWebhooks, unexpected=unexpected_error, cors=cors is not None),
+        Middleware(FastBuddyReads, tokens=user_tokens, cors=cors),
+    ]
     # Then the metrics, so the time and status are those the client sees.
     middleware += [Middleware(metrics.HttpMetrics), Middleware(RequestIdMiddleware)]
     if cors is not None:
@@ -398,7 +403,7 @@ def create_app(settings: Settings, *, demo: bool = False) -> Starlette:
         exception_handlers={
             Problem: _problem,
             HTTPException: _http_error,
-            Exception: _unexpected,
+            Exception: unexpected_error,
         },
     )
     # No redirects: Starlette's answer to `/v1/buddies/` would be a 307 to an absolute URL built

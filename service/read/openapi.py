@@ -114,7 +114,7 @@ def build(endpoints: Sequence[Endpoint]) -> dict[str, Any]:
             errors.setdefault(401, "unauthorized: missing or unknown bearer token")
         if any(p.where in ("path", "query") for p in ep.params):
             # Handlers check their parameters, and a value the database cannot hold (a NUL)
-            # is refused on every route (service/app.py, _unexpected).
+            # is refused on every route (service/app.py, unexpected_error).
             errors.setdefault(400, "invalid_parameter: `detail` names the parameter")
         security = _SECURITY[ep.auth]
         params = list(ep.params)

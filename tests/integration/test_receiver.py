@@ -10,11 +10,16 @@ from typing import Any, Literal
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
+from starlette.types import Message
 
 from service import store
+from service.app import create_app, unexpected_error
 from service.dev.samples import build_delivery
-from service.ingest.signatures import signature_headers
-from tests.support.config import SECOND_SECRET, SECRET, make_settings
+from service.ingest import receiver
+from service.ingest.fast import FastWebhooks
+from service.ingest.signatures import V2_SIGNATURE, signature_headers
+from tests.support.config import API_TOKEN, SECOND_SECRET, SECRET, make_settings
 from tests.support.running import app_client
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "hatched"
@@ -247,3 +252,99 @@ async def test_header_names_are_case_insensitive(http: httpx.AsyncClient, db: st
     lowered = {k.lower(): v for k, v in headers.items()}
     response = await http.post("/webhooks/hatched", content=body, headers=lowered)
     assert response.status_code == 202
+
+
+async def test_deliveries_skip_the_stack_and_everything_else_goes_through(
+    db: store.Pool, migrated: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process, on the real app: what FastWebhooks answers itself (with what the layers it
+    skips would have added), and what it leaves to the middleware stack behind it."""
+    settings = make_settings(migrated, redis_url, MIRROR_CORS_ORIGINS="https://app.example")
+    app = create_app(settings)
+    routed: list[str] = []
+    made: list[str] = []
+
+    def count(status: int) -> float:
+        labels = {"method": "POST", "route": "/webhooks/hatched", "status": str(status)}
+        return REGISTRY.get_sample_value("hatched_mirror_http_requests_total", labels) or 0.0
+
+    async def through(
+        *extra: tuple[bytes, bytes],
+        method: str = "POST",
+        query: bytes = b"",
+        root_path: str = "",
+        signed: bool = True,
+    ) -> tuple[str, int, dict[bytes, bytes], dict[str, Any]]:
+        routed.clear()
+        sent: list[Message] = []
+        # A buddy of its own each time: the same body signed in the same second is a replay.
+        buddy_id = f"buddy_f{len(made)}"
+        made.append(buddy_id)
+        headers, body = build_delivery("coins.earned", "v2", secret=SECRET, buddy_id=buddy_id)
+        if not signed:
+            headers = {k: v for k, v in headers.items() if "signature" not in k.lower()}
+
+        async def stack(scope: Any, receive: Any, send: Any) -> None:
+            routed.append(scope["path"])
+            await app(scope, receive, send)
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "method": method,
+            "path": "/webhooks/hatched",
+            "root_path": root_path,
+            "query_string": query,
+            "headers": [
+                (b"host", b"mirror"),
+                (b"content-type", b"application/json"),
+                *((k.lower().encode(), v.encode()) for k, v in headers.items()),
+                *extra,
+            ],
+            "app": app,
+        }
+        before = count(202)
+        await FastWebhooks(stack, unexpected=unexpected_error, cors=True)(scope, receive, send)
+        start, answer = sent[0], sent[-1]
+        got = json.loads(answer["body"]) if answer.get("body") else {}
+        if start["status"] == 202 and not routed:
+            assert count(202) == before + 1  # counted as the HTTP metrics layer counts it
+        return ("stack" if routed else "fast"), start["status"], dict(start["headers"]), got
+
+    async with app.router.lifespan_context(app):
+        where, status, headers, got = await through((b"x-request-id", b"req-fast"))
+        assert (where, status, got["status"]) == ("fast", 202, "accepted")
+        assert headers[b"x-request-id"] == b"req-fast"
+        where, status, headers, got = await through(signed=False)
+        assert (where, status, got["code"]) == ("fast", 401, "missing_signature")
+        assert len(headers[b"x-request-id"]) == 32  # one made for it
+        twice = (V2_SIGNATURE.encode(), b"v1,AAAA")
+        where, status, _, got = await through(twice)
+        assert (where, status, got.get("code")) == ("fast", 400, "ambiguous_header")
+
+        # A bug in the handler is the app's 500 problem, with the request id, not a crash.
+        def broken(request: Any) -> Any:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(receiver, "receive", broken)
+        where, status, headers, got = await through()
+        assert (where, status, got["code"]) == ("fast", 500, "internal_error")
+        assert b"x-request-id" in headers
+        monkeypatch.undo()
+
+        # Whatever the stack may answer otherwise goes on to it.
+        assert (await through(method="GET"))[:2] == ("stack", 405)
+        assert (await through(query=b"x=1"))[:2] == ("stack", 202)
+        assert (await through((b"authorization", f"Bearer {API_TOKEN}".encode())))[:2] == (
+            "stack",
+            202,
+        )
+        where, status, headers, _ = await through((b"origin", b"https://app.example"))
+        assert (where, status) == ("stack", 202)
+        assert headers[b"access-control-allow-origin"] == b"https://app.example"
+        assert (await through(root_path="/mirror"))[0] == "stack"
