@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -131,11 +132,26 @@ class RedactQueryTokens(logging.Filter):
 
 
 _SAFE_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+# A new id is this process's random prefix and a count: 32 hex digits, unique across processes
+# and restarts without a random read per request (an id is a label, not a secret).
+_ID_PREFIX = os.urandom(8).hex()
+_ids = itertools.count()
+
+
+def _new_prefix() -> None:
+    global _ID_PREFIX
+    _ID_PREFIX = os.urandom(8).hex()
+
+
+# A forked child (a server that forks its workers) must not repeat its parent's ids.
+os.register_at_fork(after_in_child=_new_prefix)
 
 
 def request_id(given: bytes) -> bytes:
     """The caller's X-Request-ID value when it is a sane token, else a new id."""
-    return given if _SAFE_ID.fullmatch(given) else os.urandom(16).hex().encode()
+    if given and _SAFE_ID.fullmatch(given):
+        return given
+    return f"{_ID_PREFIX}{next(_ids) & 0xFFFF_FFFF_FFFF_FFFF:016x}".encode()
 
 
 class RequestIdMiddleware:

@@ -291,6 +291,19 @@ def _observe(scope: Scope, status: str, seconds: float) -> None:
     observe_http(method, template, status, seconds)
 
 
+_counted: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def count(metric: Counter, *values: str) -> None:
+    """`metric.labels(*values).inc()` for a counter every delivery increments, with its child
+    looked up once (labels() locks and validates each time; the label values are bounded)."""
+    key = (id(metric), values)
+    child = _counted.get(key)
+    if child is None:
+        child = _counted[key] = metric.labels(*values)
+    child.inc()
+
+
 def observe_http(method: str, template: str, status: str, seconds: float) -> None:
     """One answered request, for a layer that answers in front of HttpMetrics (the cached
     reads' fast path): the same series the middleware would have counted it in."""

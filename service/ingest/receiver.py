@@ -139,7 +139,7 @@ async def receive(request: Request) -> Response:
         metrics.SIGNATURE_FAILURES.labels(code=exc.code).inc()
         logs.signature_refused(exc.code)
         raise Problem(401, exc.code, "Signature rejected", str(exc)) from None
-    metrics.SECRET_MATCHES.labels(index=str(verified.secret_index)).inc()
+    metrics.count(metrics.SECRET_MATCHES, str(verified.secret_index))
 
     signed_at = datetime.fromtimestamp(verified.timestamp, UTC)
     parsed = parse_delivery(body, headers, verified.format, signed_at)
@@ -157,19 +157,17 @@ async def receive(request: Request) -> Response:
     try:
         stored = await state.inbox.store(delivery)
     except DeliveryRefused as exc:
-        metrics.DELIVERIES.labels(type=metrics.type_label(delivery.event_type), outcome="400").inc()
+        metrics.count(metrics.DELIVERIES, metrics.type_label(delivery.event_type), "400")
         raise Problem(400, "delivery_refused", "Delivery refused", str(exc)) from None
     except DATABASE_ERRORS as exc:
         log.error("inbox_unavailable", error=repr(exc))
-        metrics.DELIVERIES.labels(type=metrics.type_label(delivery.event_type), outcome="503").inc()
+        metrics.count(metrics.DELIVERIES, metrics.type_label(delivery.event_type), "503")
         raise unavailable("the inbox database is unreachable; retry later") from None
 
     if stored.seq == store.FORGOTTEN:
         # The buddy was erased: nothing was stored, the tombstone counted the hit. A 2xx, so
         # Hatched stops retrying.
-        metrics.DELIVERIES.labels(
-            type=metrics.type_label(delivery.event_type), outcome="forgotten"
-        ).inc()
+        metrics.count(metrics.DELIVERIES, metrics.type_label(delivery.event_type), "forgotten")
         metrics.TOMBSTONE_HITS.labels(path="receiver").inc()
         log.info("delivery_forgotten")
         return json_response({"delivery_id": parsed.delivery_id, "status": "forgotten"}, 202)
@@ -177,14 +175,10 @@ async def receive(request: Request) -> Response:
     if stored.seq is None:
         # A delivery id stored before (Hatched's retry), or a signature stored before (a
         # replay of a captured request under another delivery id or event type).
-        metrics.DELIVERIES.labels(
-            type=metrics.type_label(delivery.event_type), outcome="duplicate"
-        ).inc()
+        metrics.count(metrics.DELIVERIES, metrics.type_label(delivery.event_type), "duplicate")
         log.info("delivery_duplicate")
         return json_response({"delivery_id": parsed.delivery_id, "status": "duplicate"}, 200)
 
-    metrics.DELIVERIES.labels(
-        type=metrics.type_label(delivery.event_type), outcome=stored.status
-    ).inc()
+    metrics.count(metrics.DELIVERIES, metrics.type_label(delivery.event_type), stored.status)
     log.info("delivery_stored", seq=stored.seq, status=stored.status, reason=stored.reason)
     return json_response({"delivery_id": parsed.delivery_id, "status": stored.status}, 202)

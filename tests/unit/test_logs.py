@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
 import structlog
 from starlette.types import Message, Receive, Scope, Send
 
-from service.logs import RequestIdMiddleware
+from service.logs import RequestIdMiddleware, request_id
 
 
 async def _answer(headers: list[tuple[bytes, bytes]]) -> tuple[str, str]:
@@ -46,3 +47,18 @@ async def test_anything_else_gets_a_fresh_id(given: bytes) -> None:
 async def test_no_header_gets_a_fresh_id_each_time() -> None:
     first, second = await _answer([]), await _answer([])
     assert first[0] != second[0]
+
+
+def test_a_forked_child_makes_ids_of_its_own() -> None:
+    """New ids are a per-process prefix and a count: a forked child must not reuse its
+    parent's prefix, or both would hand out the same ids."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first new id, to the parent
+        os.write(write_end, request_id(b""))
+        os._exit(0)
+    os.close(write_end)
+    child = os.read(read_end, 64)
+    os.waitpid(pid, 0)
+    mine = request_id(b"")
+    assert re.fullmatch(rb"[0-9a-f]{32}", child) and child[:16] != mine[:16]
