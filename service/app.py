@@ -124,7 +124,7 @@ def endpoints(settings: Settings) -> list[Endpoint]:
     read = [
         Endpoint(
             "POST",
-            "/webhooks/hatched",
+            receiver.PATH,
             receiver.receive,
             "Receive a signed Hatched delivery",
             "signature",

@@ -151,7 +151,7 @@ def request_id(given: bytes) -> bytes:
     """The caller's X-Request-ID value when it is a sane token, else a new id."""
     if given and _SAFE_ID.fullmatch(given):
         return given
-    return f"{_ID_PREFIX}{next(_ids) & 0xFFFF_FFFF_FFFF_FFFF:016x}".encode()
+    return f"{_ID_PREFIX}{next(_ids):016x}".encode()
 
 
 class RequestIdMiddleware:

@@ -15,8 +15,6 @@ from service.ingest import receiver
 from service.logs import request_id
 from service.problems import Problem
 
-PATH = "/webhooks/hatched"
-
 Unexpected = Callable[[Request, Exception], Awaitable[Response]]
 
 
@@ -62,7 +60,7 @@ class FastWebhooks:
                 response = await self._unexpected(request, exc)
             response.raw_headers.append((b"x-request-id", rid))
             metrics.observe_http(
-                "POST", PATH, str(response.status_code), time.perf_counter() - started
+                "POST", receiver.PATH, str(response.status_code), time.perf_counter() - started
             )
             await response(scope, receive, send)
         finally:
@@ -74,7 +72,7 @@ class FastWebhooks:
         if (
             scope["type"] != "http"
             or scope["method"] != "POST"
-            or scope["path"] != PATH
+            or scope["path"] != receiver.PATH
             or scope.get("root_path")
             or scope.get("query_string")
         ):

@@ -28,6 +28,8 @@ from service.state import AppState
 
 log = structlog.get_logger(__name__)
 
+PATH = "/webhooks/hatched"
+
 # Only these headers matter for replay; the rest (proxies, tracing) is not worth storing.
 _KEPT_PREFIXES = ("x-hatched-", "hatched-")
 

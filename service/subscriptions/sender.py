@@ -98,7 +98,10 @@ class Dispatcher:
         self._room = asyncio.Event()
         self._ready: deque[str] = deque()
         self._backoff: list[tuple[float, str]] = []
+        # The backoff timer and when it fires (time.monotonic: a timer's when() is on the
+        # loop's clock, which under uvloop is another one).
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = 0.0
         self._sending: set[asyncio.Task[Outcome]] = set()
         # Answers not yet recorded, and what wakes the recorder.
         self._answers: list[Outcome] = []
@@ -177,19 +180,16 @@ class Dispatcher:
                     await asyncio.wait_for(self.wake.wait(), HELD_WAIT_S if held else IDLE_WAIT_S)
             # Cleared before the read: a NOTIFY that comes while it runs sets it again.
             self._feed_moved = False
+            limit = min(FILL_BATCH, OUTBOX_LIMIT - self._held)
             filled = await store.fill(
-                self._pool,
-                self.sub.subscription_id,
-                self.cursor,
-                self.sub.fields,
-                min(FILL_BATCH, OUTBOX_LIMIT - self._held),
+                self._pool, self.sub.subscription_id, self.cursor, self.sub.fields, limit
             )
             if filled.cursor is not None:
                 self.cursor = filled.cursor
             self._add(filled.queued)
             self._dispatch()
             held = filled.held
-            if filled.scanned > 0:
+            if filled.scanned >= limit:
                 self._feed_moved = True  # a full page: there may be more at once
 
     async def _record(self) -> None:
@@ -256,11 +256,13 @@ class Dispatcher:
             return
         due = self._backoff[0][0]
         if self._timer is not None:
-            if self._timer.when() <= due:
+            if self._timer_due <= due:
                 return
             self._timer.cancel()
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_at(loop.time() + max(0.0, due - time.monotonic()), self._fire)
+        self._timer_due = due
+        self._timer = asyncio.get_running_loop().call_later(
+            max(0.0, due - time.monotonic()), self._fire
+        )
 
     def _fire(self) -> None:
         self._timer = None
