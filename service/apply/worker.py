@@ -301,8 +301,11 @@ class MirrorWorker(Worker):
                 await super().main()
                 return
             except (OSError, RedisError) as exc:
-                if self._pool is not None:
-                    raise  # only the first connection is retried here; polling has its own
+                # Retried here: an outage before the startup job (arq's first connection, or
+                # its first commands on it, which run before ctx["redis"] is set). After that
+                # the startup job has run and polling rides out outages (_poll_iteration).
+                if "redis" in self.ctx:
+                    raise
                 log.warning("redis_unavailable_at_start", error=repr(exc), retry_in_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)

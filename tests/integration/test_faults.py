@@ -7,6 +7,7 @@ import random
 import signal
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -103,6 +104,66 @@ async def test_worker_stopped_mid_burst_applies_everything_exactly_once(
     await _assert_exact(db, deliveries)
 
 
+class _OutageOnCommand(Proxy):
+    """A proxy that lets everything through until the client sends `trigger`, then drops that
+    connection and refuses new ones for `outage_s`: an outage that begins at a chosen step."""
+
+    def __init__(self, host: str, port: int, trigger: bytes, outage_s: float) -> None:
+        super().__init__(host, port)
+        self._trigger, self._outage_s = trigger, outage_s
+        self.over = asyncio.Event()
+        self._outage: asyncio.Task[None] | None = None
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._outage is not None:
+            await super()._accept(reader, writer)
+            return
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        answers = asyncio.create_task(self._pipe(up_reader, writer))
+        try:
+            while data := await reader.read(65536):
+                if self._outage is None and self._trigger in data:
+                    assert self._server is not None
+                    self._server.close()  # refuse new connections from now on
+                    self._outage = asyncio.create_task(self._heal())
+                    return
+                up_writer.write(data)
+                await up_writer.drain()
+        finally:
+            answers.cancel()
+            up_writer.close()
+            writer.close()
+
+    async def _heal(self) -> None:
+        self._server = None
+        await asyncio.sleep(self._outage_s)
+        await self.restore()
+        self.over.set()
+
+
+async def test_a_worker_rides_out_redis_going_away_while_it_starts(
+    migrated: str, redis_url: str, redis: Any, tmp_path: Path
+) -> None:
+    """Redis answers the worker's first connection, then goes away at arq's first command on
+    it (INFO, before the startup job): the worker waits for it instead of exiting."""
+    proxy = _OutageOnCommand(*_host_port(redis_url), trigger=b"$4\r\nINFO\r\n", outage_s=2)
+    await proxy.start()
+    env = service_env(migrated, _via(redis_url, proxy))
+    worker = Process(["worker"], env, tmp_path / "worker.log").start()
+    try:
+        await asyncio.wait_for(proxy.over.wait(), 30)
+        deadline = time.monotonic() + 30
+        # arq writes its health-check key once it polls, i.e. once startup went through.
+        while not await redis.keys("*health-check*"):
+            assert worker.proc is not None and worker.proc.poll() is None, "the worker exited"
+            assert time.monotonic() < deadline, "the worker did not start polling"
+            await asyncio.sleep(0.1)
+        assert "redis_unavailable_at_start" in (tmp_path / "worker.log").read_text()
+    finally:
+        worker.stop()
+        await proxy.close()
+
+
 async def test_redis_unreachable_during_a_burst_loses_nothing(
     migrated: str, redis_url: str, db: store.Pool, redis: object, tmp_path: Path
 ) -> None:
@@ -120,8 +181,10 @@ async def test_redis_unreachable_during_a_burst_loses_nothing(
                 await proxy.restore()
                 finals = await sending
             assert finals == {202: len(deliveries)}, "a Redis outage must not cost a 2xx"
-            await wait_settled(db, within=60)
-            worker.stop()
+            try:
+                await wait_settled(db, within=60)
+            finally:
+                worker.stop()
     finally:
         await proxy.close()
     await _assert_exact(db, deliveries)
