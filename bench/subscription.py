@@ -125,8 +125,9 @@ async def subscription(ctx: Ctx) -> Section:
         f"Open loop at {rate:,.0f} deliveries/s for {seconds:g} s (after {p.warmup_s:g} s of "
         f"warm-up) over {p.buddies:,} hatched buddies; `serve` and one `worker` (its sender "
         "owns the subscription), and the endpoint, a separate process answering 204, on the "
-        "same machine. Latency is from the change's `committed_at` (the start of the "
-        "transaction that wrote it) to its arrival at the endpoint, for the first arrival of "
+        "same machine. Latency is from the change's `committed_at` (the statement that "
+        "wrote it, the last of its transaction before the commit; before sql/0016 the start "
+        "of that transaction) to its arrival at the endpoint, for the first arrival of "
         "each change committed in the timed window."
     )
     sec.blocks.append(

@@ -46,14 +46,16 @@ _UPDATES = ", ".join(f"{name} = EXCLUDED.{name}" for name in STATE_FIELDS if nam
 
 # A whole batch in one statement (one plan, one round trip) rather than a statement per buddy:
 # the rows travel as one JSON array, which Postgres turns into `buddies` records itself (JSON
-# arrays to text[], objects to jsonb, ISO strings to timestamptz).
-def _upsert_buddies(rows: str) -> str:
+# arrays to text[], objects to jsonb, ISO strings to timestamptz). `at`: the time a changed
+# buddy's updated_at takes.
+def _upsert_buddies(rows: str, at: str = "now()") -> str:
     return f"""
-INSERT INTO buddies ({_COLUMNS}, version)
-SELECT {_COLUMNS}, version FROM jsonb_populate_recordset(NULL::buddies, {rows}::jsonb)
+INSERT INTO buddies ({_COLUMNS}, version, updated_at)
+SELECT {_COLUMNS}, version, {at}
+FROM jsonb_populate_recordset(NULL::buddies, {rows}::jsonb)
 ON CONFLICT (buddy_id) DO UPDATE SET {_UPDATES},
     version = EXCLUDED.version,
-    updated_at = CASE WHEN EXCLUDED.version <> buddies.version THEN now()
+    updated_at = CASE WHEN EXCLUDED.version <> buddies.version THEN EXCLUDED.updated_at
                       ELSE buddies.updated_at END
 """
 
@@ -90,11 +92,19 @@ ON CONFLICT (delivery_id) DO NOTHING
 # runs every data-modifying WITH part whether or not the query reads it; the parts touch
 # different tables, so none needs another's result. One round trip instead of five per batch:
 # on a busy host each costs the worker a wake-up.
+#
+# The changed buddies' updated_at and their entries' committed_at are one time, read by this
+# statement (`written_at`: a volatile function makes the CTE evaluated once), not the
+# transaction's start (now()): the claim, the locks and the projection before this statement
+# took a third of a change's way to a subscriber under load (bench/BENCHMARKS.md), time in
+# which nothing had changed yet. This is the last statement before the commit.
+WRITTEN_AT = "(SELECT t FROM written_at)"
 WRITE_BATCH = f"""
-WITH buddies_written AS ({_upsert_buddies("$1")}),
+WITH written_at AS (SELECT clock_timestamp() AS t),
+buddies_written AS ({_upsert_buddies("$1", WRITTEN_AT)}),
 ledger_written AS ({INSERT_LEDGER}),
 outcomes_written AS ({_finish_deliveries("$3", "$4", "$5")}),
-changes_written AS ({insert_changes("$7")})
+changes_written AS ({insert_changes("$7", WRITTEN_AT)})
 SELECT pg_notify('{NOTIFY_CHANNEL}', x) FROM unnest($6::text[]) AS x
 """
 

@@ -17,12 +17,12 @@ from service.store.pool import Executor
 
 
 # A part of WRITE_BATCH (service/store/buddies.py): the batch's entries as one JSON array.
-# The table's defaults give each row its transaction id, sequence and time.
-def insert_changes(rows: str) -> str:
+# The table's defaults give each row its transaction id and sequence; `at` is its time.
+def insert_changes(rows: str, at: str = "now()") -> str:
     return f"""
 INSERT INTO changes (buddy_id, user_id, audience, version, cause_kind, delivery_id,
-                     event_type, changed)
-SELECT buddy_id, user_id, audience, version, cause_kind, delivery_id, event_type, changed
+                     event_type, changed, committed_at)
+SELECT buddy_id, user_id, audience, version, cause_kind, delivery_id, event_type, changed, {at}
 FROM jsonb_populate_recordset(NULL::changes, {rows}::jsonb)
 """
 

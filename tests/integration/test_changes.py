@@ -243,6 +243,30 @@ INSERT_BARE = (
 )
 
 
+async def test_a_change_is_timed_by_its_write_not_its_transaction_start(
+    feed: store.Pool,
+) -> None:
+    """committed_at and the buddy's updated_at are one time, taken by the statement that writes
+    them: the work before it in the transaction (claim, locks, projection) is not counted as
+    part of the change's way to a reader."""
+    buddy = Buddy(buddy_id="buddy_timed", name="Pip")
+    change = entry(buddy, 1, Cause("delivery", "d_timed", "buddy.hatched"), diff(None, buddy))
+    async with feed.acquire() as conn, conn.transaction():
+        started = await conn.fetchval("SELECT now()")
+        await asyncio.sleep(0.3)  # the apply's work before its write
+        await store.write_batch(
+            conn, buddies=[(buddy, 1)], changed=[("buddy_timed", 1)], feed=[change]
+        )
+        written = await conn.fetchval("SELECT clock_timestamp()")
+    row = await feed.fetchrow(
+        "SELECT c.committed_at, b.updated_at FROM changes AS c"
+        " JOIN buddies AS b USING (buddy_id) WHERE buddy_id = 'buddy_timed'"
+    )
+    assert row is not None and row["committed_at"] == row["updated_at"]
+    assert started + timedelta(seconds=0.3) <= row["committed_at"] <= written
+    await feed.execute("DELETE FROM buddies WHERE buddy_id = 'buddy_timed'")
+
+
 async def test_a_sequence_alone_would_break_the_order(feed: store.Pool) -> None:
     """The control: by allocation order alone, the later commit shows first."""
     async with feed.acquire() as first, feed.acquire() as second:
