@@ -18,7 +18,7 @@ from service.store.pool import Executor
 
 # A part of WRITE_BATCH (service/store/buddies.py): the batch's entries as one JSON array.
 # The table's defaults give each row its transaction id and sequence; `at` is its time.
-def insert_changes(rows: str, at: str = "now()") -> str:
+def insert_changes(rows: str, at: str) -> str:
     return f"""
 INSERT INTO changes (buddy_id, user_id, audience, version, cause_kind, delivery_id,
                      event_type, changed, committed_at)
