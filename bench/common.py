@@ -46,7 +46,7 @@ class Plan:
     per_buddy: int = 20
     scale_backlog: int = 100_000
     upgrade_rows: int = 20_000_000
-    feed_reps: int = 3  # pairs of drains, feed on and off
+    feed_reps: int = 5  # pairs of drains, feed on and off
     feed_entries: int = 100_000
     feed_walks: int = 3
     feed_buddy_reads: int = 300
