@@ -25,7 +25,7 @@ from service.config import Settings
 from service.dev import demo as demo_page
 from service.ingest import receiver
 from service.ingest.events import DELIVERY_STATUSES
-from service.ingest.fast import FastWebhooks
+from service.ingest.fast import DIRECT_STATE_KEY, DirectWebhooks, FastWebhooks
 from service.ingest.inbox import Inbox
 from service.ingest.wakeups import Waker
 from service.logs import RequestIdMiddleware
@@ -338,7 +338,7 @@ def create_app(settings: Settings, *, demo: bool = False) -> Starlette:
         return Response(document, media_type="application/json")
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         pool = await store.create_pool(
             settings.postgres_dsn,
             size=settings.db_pool_size,
@@ -359,7 +359,9 @@ def create_app(settings: Settings, *, demo: bool = False) -> Starlette:
         )
         try:
             async with clients.running(app, settings):
-                yield
+                # The lifespan state reaches the HTTP protocol (service/server.py), which
+                # answers the plainest deliveries itself.
+                yield {DIRECT_STATE_KEY: DirectWebhooks(app.state.mirror, unexpected_error)}
         finally:
             await inbox.close()
             await broadcaster.close()

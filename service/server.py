@@ -21,6 +21,14 @@ throughput. So this protocol keeps httptools and measures the request head itsel
 It also writes a response's head and body in one system call where uvicorn makes two
 (`_JoinedWrites`): for a cached read that second send() was the largest single cost.
 
+And it answers the plainest deliveries itself (`DirectWebhooks`, service/ingest/fast.py): a
+`POST /webhooks/hatched` over HTTP/1.1 with no query, whose whole body arrived with its head
+and whose headers `DirectWebhooks.takes`, while no other request of the connection is being
+answered and the concurrency limit is not reached. Its answer is written as the response
+cycle would write it; a request that follows on the same connection waits for it as it waits
+behind a response cycle (uvicorn's pipeline). Anything else, or a body still to come, goes to
+the ASGI app as before.
+
 The body is bounded by the receiver itself (size and MIRROR_BODY_TIMEOUT_S), connections per
 process by uvicorn's `limit_concurrency` (MIRROR_MAX_CONNECTIONS).
 """
@@ -31,9 +39,14 @@ import asyncio
 from typing import Any
 
 import orjson
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from starlette.responses import Response
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from service.ingest.fast import DIRECT_STATE_KEY, DirectWebhooks
+from service.ingest.receiver import PATH
 from service.problems import PROBLEM_TYPE
+
+_PATH = PATH.encode("ascii")
 
 _TOO_LARGE = "Request header fields too large"
 
@@ -53,6 +66,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # timer, when it fires early, waits again for the deadline as it stands then.
         self._head_due: float | None = None
         self._head_timer: asyncio.TimerHandle | None = None
+        # A delivery taken for DirectWebhooks: its body so far, and the X-Request-ID it gave.
+        self._direct: list[bytes] | None = None
+        self._direct_given = b""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -81,18 +97,94 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._in_head and heads == self._heads:
             self._head_bytes += len(data)
             self._tail = (self._tail + data)[-3:]
+        if self._direct is not None:
+            # The body is still coming: the request goes the usual way, with what came of it
+            # (unless the parser refused what followed, and the connection is closing).
+            body, self._direct = b"".join(self._direct), None
+            if not self.transport.is_closing():
+                self._start_cycle()
+                if self.cycle is not None and body:
+                    self.on_body(body)
 
     def on_headers_complete(self) -> None:
         self._in_head, self._head_bytes, self._tail = False, 0, b""
         self._heads += 1
         self._cancel_head_deadline()
+        given = self._takes_directly()
+        if given is None:
+            self._start_cycle()
+        else:
+            self._direct, self._direct_given = [], given
+
+    def _start_cycle(self) -> None:
         super().on_headers_complete()
         if self.cycle is not None:
             self.cycle.transport = self._writes
 
+    def _takes_directly(self) -> bytes | None:
+        """For a delivery DirectWebhooks may answer, the X-Request-ID it gave; else None."""
+        direct: DirectWebhooks | None = self.app_state.get(DIRECT_STATE_KEY)
+        if (
+            direct is None
+            # `dev` writes an access line per request, which only the response cycle does.
+            or self.config.access_log
+            or self.url != _PATH
+            or self.root_path
+            or self.parser.get_method() != b"POST"
+            or self.parser.get_http_version() != "1.1"
+            or not self.parser.should_keep_alive()
+            or self.parser.should_upgrade()
+            or (self.cycle is not None and not self.cycle.response_complete)
+            or (
+                self.limit_concurrency is not None
+                and max(len(self.connections), len(self.tasks)) >= self.limit_concurrency
+            )
+        ):
+            return None
+        return direct.takes(self.headers)
+
+    def on_body(self, body: bytes) -> None:
+        if self._direct is not None:
+            self._direct.append(body)
+        else:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
-        super().on_message_complete()
+        if self._direct is None:
+            super().on_message_complete()
+            self._in_head = True
+            return
+        body, self._direct = b"".join(self._direct), None
         self._in_head = True
+        # Stands in for a response cycle until the answer is written: a request pipelined
+        # behind this one is queued (and reading paused) as behind any unanswered request,
+        # and a shutdown lets the answer go out, then closes.
+        answering = _Answering()
+        self.cycle = answering  # type: ignore[assignment]
+        # The scope as the cycle would have it, for the app's handler of the unexpected.
+        scope: Any = self.scope
+        scope.update(method="POST", path=PATH, raw_path=_PATH, query_string=b"")
+        task = self.loop.create_task(
+            self._answer_directly(answering, scope, body, self._direct_given)
+        )
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    async def _answer_directly(
+        self, cycle: _Answering, scope: Any, body: bytes, given: bytes
+    ) -> None:
+        direct: DirectWebhooks = self.app_state[DIRECT_STATE_KEY]
+        response = await direct.answer(scope, body, given)
+        cycle.response_complete = True
+        if self.transport.is_closing():
+            return  # the client left; the delivery is stored all the same
+        keep_alive = cycle.keep_alive
+        self._writes.flush()
+        self.transport.write(_encoded(response, self.server_state.default_headers, keep_alive))
+        if keep_alive:
+            self.on_response_complete()
+        else:
+            self.transport.close()
 
     def on_response_complete(self) -> None:
         self._writes.flush()
@@ -124,6 +216,31 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._head_timer = self.loop.call_at(self._head_due, self._check_head_deadline)
         elif not self.transport.is_closing():
             self.transport.close()
+
+
+class _Answering:
+    """What the protocol reads of a response cycle, for a delivery being answered by
+    DirectWebhooks."""
+
+    def __init__(self) -> None:
+        self.response_complete = False
+        self.keep_alive = True
+        # Read when the connection is lost.
+        self.disconnected = False
+        self.message_event = asyncio.Event()
+
+
+def _encoded(response: Response, default_headers: list[tuple[bytes, bytes]], keep: bool) -> bytes:
+    """A complete Response as uvicorn's cycle writes it: status line, the server's default
+    headers (date, server), the response's own, `connection: close` when the connection
+    ends, and the body."""
+    parts: list[bytes | memoryview] = [STATUS_LINE[response.status_code]]
+    for name, value in (*default_headers, *response.raw_headers):
+        parts += [name, b": ", value, b"\r\n"]
+    if not keep:
+        parts.append(b"connection: close\r\n")
+    parts += [b"\r\n", response.body]
+    return b"".join(parts)
 
 
 class _JoinedWrites(asyncio.Transport):

@@ -14,6 +14,7 @@ from service import metrics
 from service.ingest import receiver
 from service.logs import request_id
 from service.problems import Problem
+from service.state import AppState
 
 Unexpected = Callable[[Request, Exception], Awaitable[Response]]
 
@@ -47,24 +48,9 @@ class FastWebhooks:
         if given is None:
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
-        rid = request_id(given)
-        tokens = structlog.contextvars.bind_contextvars(request_id=rid.decode())
-        try:
-            request = Request(scope, receive)
-            try:
-                response = await receiver.receive(request)
-            except Problem as problem:
-                response = problem.response()
-            except Exception as exc:
-                response = await self._unexpected(request, exc)
-            response.raw_headers.append((b"x-request-id", rid))
-            metrics.observe_http(
-                "POST", receiver.PATH, str(response.status_code), time.perf_counter() - started
-            )
-            await response(scope, receive, send)
-        finally:
-            structlog.contextvars.reset_contextvars(**tokens)
+        request = Request(scope, receive)
+        response = await answer(lambda: receiver.receive(request), given, request, self._unexpected)
+        await response(scope, receive, send)
 
     def _plain(self, scope: Scope) -> bytes | None:
         """The X-Request-ID given (b"" when absent) of a delivery this answers; None for any
@@ -84,3 +70,83 @@ class FastWebhooks:
             if name == b"x-request-id" and given is None:
                 given = value
         return given or b""
+
+
+async def answer(
+    handling: Callable[[], Awaitable[Response]],
+    given: bytes,
+    request: Request,
+    unexpected: Unexpected,
+) -> Response:
+    """The answer to a delivery, as the stack would give it: `handling` (the receiver's work)
+    run with the request id bound for its log lines, a Problem answered as the exception
+    handlers answer it and anything else by `unexpected`; the request id echoed and the
+    request counted in the HTTP metrics."""
+    started = time.perf_counter()
+    rid = request_id(given)
+    tokens = structlog.contextvars.bind_contextvars(request_id=rid.decode())
+    try:
+        try:
+            response = await handling()
+        except Problem as problem:
+            response = problem.response()
+        except Exception as exc:
+            response = await unexpected(request, exc)
+    finally:
+        structlog.contextvars.reset_contextvars(**tokens)
+    response.raw_headers.append((b"x-request-id", rid))
+    metrics.observe_http(
+        "POST", receiver.PATH, str(response.status_code), time.perf_counter() - started
+    )
+    return response
+
+
+# The key of the lifespan state under which the app hands DirectWebhooks to the protocol.
+DIRECT_STATE_KEY = "direct_webhooks"
+
+
+class DirectWebhooks:
+    """A delivery answered by the HTTP protocol itself (service/server.py), below ASGI.
+
+    Even with FastWebhooks in front of the stack, uvicorn's response cycle, the ASGI scope
+    and messages and Starlette's Request and Response around each delivery cost about a third
+    of `serve`'s CPU per delivery (bench/BENCHMARKS.md, "A quiet VM"). So the protocol hands
+    this the deliveries that need none of that: the whole request already read, of a known
+    length within MIRROR_MAX_BODY_BYTES, and nothing about it that a layer of the stack would
+    decide otherwise (see `takes`). What they get is what FastWebhooks would answer, through
+    the same receiver; every other request goes the way it always went.
+    """
+
+    def __init__(self, state: AppState, unexpected: Unexpected) -> None:
+        self._state = state
+        self._unexpected = unexpected
+        self._cors = bool(state.settings.cors_origins)
+        self._max_body = state.settings.max_body_bytes
+
+    def takes(self, headers: list[tuple[bytes, bytes]]) -> bytes | None:
+        """The X-Request-ID given (b"" when absent) of a delivery whose headers allow it to
+        be answered here, else None. The method and path are the protocol's to check."""
+        given: bytes | None = None
+        length = False
+        for name, value in headers:
+            if name == b"content-length":
+                if length or not value.isdigit() or int(value) > self._max_body:
+                    return None  # the stack answers 413 (or the parser refused it already)
+                length = True
+            elif name in (b"authorization", b"transfer-encoding", b"expect") or (
+                self._cors and name == b"origin"
+            ):
+                return None
+            elif name == b"x-request-id" and given is None:
+                given = value
+        return (given or b"") if length else None
+
+    async def answer(self, scope: Scope, body: bytes, given: bytes) -> Response:
+        """`scope`: the request's ASGI scope; `given`: what `takes` returned."""
+        headers = scope["headers"]
+
+        async def handling() -> Response:
+            receiver.refuse_ambiguous(headers)
+            return await receiver.store_body(self._state, headers, body)
+
+        return await answer(handling, given, Request(scope), self._unexpected)

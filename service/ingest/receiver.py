@@ -31,7 +31,7 @@ log = structlog.get_logger(__name__)
 PATH = "/webhooks/hatched"
 
 # Only these headers matter for replay; the rest (proxies, tracing) is not worth storing.
-_KEPT_PREFIXES = ("x-hatched-", "hatched-")
+_KEPT_PREFIXES = (b"x-hatched-", b"hatched-")
 
 
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
@@ -118,17 +118,35 @@ def stored_delivery(
 async def receive(request: Request) -> Response:
     state: AppState = request.app.state.mirror
     settings = state.settings
-    if (name := ambiguous_header(request.scope["headers"])) is not None:
+    refuse_ambiguous(request.scope["headers"])
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+    return await store_body(state, request.scope["headers"], body)
+
+
+def refuse_ambiguous(raw_headers: list[tuple[bytes, bytes]]) -> None:
+    if (name := ambiguous_header(raw_headers)) is not None:
         raise Problem(
             400,
             "ambiguous_header",
             "Ambiguous header",
             f"`{name}` is sent more than once (or with the other signature scheme)",
         )
-    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+
+
+async def store_body(
+    state: AppState, raw_headers: list[tuple[bytes, bytes]], body: bytes
+) -> Response:
+    """A delivery whose body is in hand (read within the size and time limits, its headers
+    unambiguous): verified, stored, answered. Raises Problem for what is refused."""
+    settings = state.settings
     # The one view of the headers that verification, classification and storage all read (and
     # the worker reads again): with no significant header repeated, it cannot differ from them.
-    headers = {k: v for k, v in request.headers.items() if k.startswith(_KEPT_PREFIXES)}
+    # Decoded as Starlette's Headers decodes them (latin-1).
+    headers = {
+        k.decode("latin-1"): v.decode("latin-1")
+        for k, v in raw_headers
+        if k.startswith(_KEPT_PREFIXES)
+    }
     try:
         verified = verify(
             body,

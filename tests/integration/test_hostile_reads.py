@@ -70,7 +70,9 @@ async def test_forged_cursors_are_invalid_cursor(
 
 
 async def test_an_over_long_cursor_is_refused_undecoded(http: httpx.AsyncClient) -> None:
-    response = await http.get("/v1/buddies", params={"cursor": "A" * 60_000}, headers=READ)
+    # Past the app's bound on a cursor (MAX_CURSOR_CHARS), within the server's on a request
+    # head (16 KB by default; past it the server answers 431 before the app sees it).
+    response = await http.get("/v1/buddies", params={"cursor": "A" * 10_000}, headers=READ)
     _problem(response, 400, "invalid_cursor")
 
 

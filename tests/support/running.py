@@ -17,12 +17,23 @@ from service import store
 from service.app import create_app
 from service.apply.worker import create_worker, stop
 from service.config import Settings
+from service.server import BoundedHttpToolsProtocol
 
 
 @contextlib.asynccontextmanager
 async def serving(app: Starlette, port: int = 0) -> AsyncIterator[str]:
     """A real uvicorn server on `port` (0: a free one), for as long as the block runs."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
+    # The service's own protocol without access lines, as `serve` runs it: it answers the
+    # plainest deliveries itself.
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_config=None,
+        lifespan="on",
+        http=BoundedHttpToolsProtocol,
+        access_log=False,
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     deadline = time.monotonic() + 10
