@@ -39,6 +39,7 @@ import asyncio
 from typing import Any
 
 import orjson
+import structlog
 from starlette.responses import Response
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -47,6 +48,8 @@ from service.ingest.receiver import PATH
 from service.problems import PROBLEM_TYPE
 
 _PATH = PATH.encode("ascii")
+
+log = structlog.get_logger(__name__)
 
 _TOO_LARGE = "Request header fields too large"
 
@@ -174,13 +177,22 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self, cycle: _Answering, scope: Any, body: bytes, given: bytes
     ) -> None:
         direct: DirectWebhooks = self.app_state[DIRECT_STATE_KEY]
-        response = await direct.answer(scope, body, given)
-        cycle.response_complete = True
-        if self.transport.is_closing():
-            return  # the client left; the delivery is stored all the same
-        keep_alive = cycle.keep_alive
-        self._writes.flush()
-        self.transport.write(_encoded(response, self.server_state.default_headers, keep_alive))
+        try:
+            response = await direct.answer(scope, body, given)
+            cycle.response_complete = True
+            if self.transport.is_closing():
+                return  # the client left; the delivery is stored all the same
+            keep_alive = cycle.keep_alive
+            self._writes.flush()
+            self.transport.write(_encoded(response, self.server_state.default_headers, keep_alive))
+        except Exception:
+            # `answer` answers every error of the receiver; this is a bug past it. With no
+            # answer to give, the connection ends (the client retries), as uvicorn's cycle
+            # ends it when an app fails before responding.
+            log.exception("direct_answer_failed")
+            cycle.response_complete = True
+            self.transport.close()
+            return
         if keep_alive:
             self.on_response_complete()
         else:

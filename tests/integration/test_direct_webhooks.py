@@ -174,3 +174,26 @@ async def test_keep_alive_and_connection_close_hold(
     assert direct_calls == ids  # a Connection: close request goes to the app
     for delivery_id in (*ids, last_id):
         assert await _stored(db, delivery_id)
+
+
+async def test_a_failure_past_the_receiver_ends_the_connection_not_the_server(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*_args: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(DirectWebhooks, "answer", broken)
+        reader, writer = await _open(url)
+        try:
+            writer.write(_request("buddy_broken")[0])
+            # No answer to give: the connection ends, as when an app fails before responding.
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        finally:
+            writer.close()
+    reader, writer = await _open(url)
+    try:
+        writer.write(_request("buddy_after")[0])
+        assert (await _response(reader))[0] == 202
+    finally:
+        writer.close()
