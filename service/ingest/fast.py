@@ -49,7 +49,7 @@ class FastWebhooks:
             await self.app(scope, receive, send)
             return
         request = Request(scope, receive)
-        response = await answer(lambda: receiver.receive(request), given, request, self._unexpected)
+        response = await answer(lambda: receiver.receive(request), given, scope, self._unexpected)
         await response(scope, receive, send)
 
     def _plain(self, scope: Scope) -> bytes | None:
@@ -63,19 +63,39 @@ class FastWebhooks:
             or scope.get("query_string")
         ):
             return None
-        given: bytes | None = None
-        for name, value in scope["headers"]:
-            if name == b"authorization" or (self._cors and name == b"origin"):
-                return None
-            if name == b"x-request-id" and given is None:
+        return plain_headers(scope["headers"], self._cors)
+
+
+def plain_headers(
+    headers: list[tuple[bytes, bytes]], cors: bool, max_body: int | None = None
+) -> bytes | None:
+    """The X-Request-ID given (b"" when absent) when no header of a delivery would have the
+    stack answer it otherwise (an Authorization header: the scope guard judges tokens on
+    every route; an Origin header when CORS is configured); else None. With `max_body`, for
+    a body the HTTP protocol reads itself: also a Content-Length within it (beyond it the
+    stack answers 413), and no Transfer-Encoding or Expect header."""
+    given: bytes | None = None
+    length = max_body is None
+    for name, value in headers:
+        if name == b"authorization" or (cors and name == b"origin"):
+            return None
+        if name == b"x-request-id":
+            if given is None:
                 given = value
-        return given or b""
+        elif max_body is not None:
+            if name == b"content-length":
+                if length or not value.isdigit() or int(value) > max_body:
+                    return None
+                length = True
+            elif name in (b"transfer-encoding", b"expect"):
+                return None
+    return (given or b"") if length else None
 
 
 async def answer(
     handling: Callable[[], Awaitable[Response]],
     given: bytes,
-    request: Request,
+    scope: Scope,
     unexpected: Unexpected,
 ) -> Response:
     """The answer to a delivery, as the stack would give it: `handling` (the receiver's work)
@@ -91,7 +111,7 @@ async def answer(
         except Problem as problem:
             response = problem.response()
         except Exception as exc:
-            response = await unexpected(request, exc)
+            response = await unexpected(Request(scope), exc)
     finally:
         structlog.contextvars.reset_contextvars(**tokens)
     response.raw_headers.append((b"x-request-id", rid))
@@ -126,20 +146,7 @@ class DirectWebhooks:
     def takes(self, headers: list[tuple[bytes, bytes]]) -> bytes | None:
         """The X-Request-ID given (b"" when absent) of a delivery whose headers allow it to
         be answered here, else None. The method and path are the protocol's to check."""
-        given: bytes | None = None
-        length = False
-        for name, value in headers:
-            if name == b"content-length":
-                if length or not value.isdigit() or int(value) > self._max_body:
-                    return None  # the stack answers 413 (or the parser refused it already)
-                length = True
-            elif name in (b"authorization", b"transfer-encoding", b"expect") or (
-                self._cors and name == b"origin"
-            ):
-                return None
-            elif name == b"x-request-id" and given is None:
-                given = value
-        return (given or b"") if length else None
+        return plain_headers(headers, self._cors, self._max_body)
 
     async def answer(self, scope: Scope, body: bytes, given: bytes) -> Response:
         """`scope`: the request's ASGI scope; `given`: what `takes` returned."""
@@ -149,4 +156,4 @@ class DirectWebhooks:
             receiver.refuse_ambiguous(headers)
             return await receiver.store_body(self._state, headers, body)
 
-        return await answer(handling, given, Request(scope), self._unexpected)
+        return await answer(handling, given, scope, self._unexpected)
