@@ -20,6 +20,8 @@ import httpx
 import orjson
 import redis.asyncio as aioredis
 
+from bench.wire import machine_cpu
+
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
 ADMIN_DSN = os.environ.get("BENCH_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -241,14 +243,6 @@ def cpu_seconds(pid: int) -> float:
     # The command name (field 2) may hold spaces; the fields after its ')' are fixed.
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def machine_cpu() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine so far, summed over its cores."""
-    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    total = sum(ticks[:8])  # guest time is already inside user
-    return (total - idle) / _TICK, total / _TICK
 
 
 class CpuMeter:

@@ -9,6 +9,7 @@ supported just enough for error pages.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Sequence
@@ -212,12 +213,37 @@ async def closed_loop(
         finally:
             conn.close()
 
+    window = asyncio.create_task(_cpu_window(warmup, duration))
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = min(clock(), stop) - measure_from
     result = rec.summary(elapsed)
     result["exhausted"] = exhausted
     result["concurrency"] = concurrency
+    result["cpu"] = await window
     return result
+
+
+async def _cpu_window(warmup: float, duration: float) -> dict[str, float]:
+    """CPU seconds over the measured window: the whole machine's (busy, total, summed over
+    its cores) and this load generator's own, which shares the machine with what it loads."""
+    await asyncio.sleep(warmup)
+    busy0, total0, own0 = *machine_cpu(), time.process_time()
+    await asyncio.sleep(duration)
+    busy1, total1, own1 = *machine_cpu(), time.process_time()
+    return {"machine_busy_s": busy1 - busy0, "machine_s": total1 - total0, "load_s": own1 - own0}
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, summed over its cores."""
+    # /proc/stat's first line: ticks by kind (idle and iowait are not busy; guest time is
+    # already inside user).
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    total = sum(ticks[:8])
+    return (total - ticks[3] - ticks[4]) / _TICK, total / _TICK
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
 
 
 class Pool:
