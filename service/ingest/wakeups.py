@@ -16,6 +16,8 @@ import zlib
 
 import structlog
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
 
 from service.hatched.debounce import request_refresh
 
@@ -54,6 +56,18 @@ def redis_settings(url: str, timeout_s: float) -> RedisSettings:
     return settings
 
 
+# `SET key 1 NX EX ttl` for each key, one command for all (1: the key was free). Every flush of
+# the receiver wakes the shards of its batch, and a pipeline of one SET per shard cost `serve`
+# about 5% of its CPU (bench/BENCHMARKS.md); this is one command to pack and one reply.
+_CLAIM = """
+local claimed = {}
+for i, key in ipairs(KEYS) do
+    claimed[i] = redis.call('SET', key, '1', 'NX', 'EX', ARGV[1]) and 1 or 0
+end
+return claimed
+"""
+
+
 class Waker:
     """The receiver's side of wake-ups: lazy, bounded in time, never raising.
 
@@ -74,6 +88,7 @@ class Waker:
         self._closed = False
         self._retry_at = 0.0
         self._lock = asyncio.Lock()
+        self._claim: AsyncScript | None = None
 
     async def _pool(self) -> ArqRedis | None:
         if self._redis is not None or self._closed:
@@ -90,7 +105,8 @@ class Waker:
                         ),
                         self._timeout * 2,
                     )
-                except (OSError, TimeoutError, ConnectionError) as exc:
+                # redis-py's ConnectionError is a RedisError, not the builtin one.
+                except (OSError, TimeoutError, ConnectionError, RedisError) as exc:
                     self._fail(exc)
             return self._redis
 
@@ -112,16 +128,18 @@ class Waker:
             return False
 
     async def wake_many(self, shards: list[int]) -> bool:
-        """Wake several shards in two round trips (one SET NX each, pipelined; then jobs)."""
+        """Wake several shards: their keys claimed in one command, then a job for each shard
+        whose key was free (usually none: a wake-up is already waiting)."""
         redis = await self._pool()
         if redis is None:
             return False
         try:
             async with asyncio.timeout(self._op_timeout):
-                async with redis.pipeline(transaction=False) as pipe:
-                    for shard in shards:
-                        pipe.set(wake_key(self._queue, shard), b"1", nx=True, ex=WAKE_TTL_S)
-                    claimed = await pipe.execute()
+                if self._claim is None:
+                    self._claim = redis.register_script(_CLAIM)
+                claimed = await self._claim(
+                    keys=[wake_key(self._queue, shard) for shard in shards], args=[WAKE_TTL_S]
+                )
                 for shard, was_set in zip(shards, claimed, strict=True):
                     if was_set:
                         await redis.enqueue_job(APPLY_JOB, shard, _queue_name=self._queue)
