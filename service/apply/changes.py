@@ -90,7 +90,15 @@ def diff(before: Buddy | None, after: Buddy) -> dict[str, dict[str, Any]]:
         moved = dict.fromkeys(_RENDER)
     else:
         old_attrs = vars(before)
-        moved = {_FIELD_OF[a]: None for a in _FIELD_OF if old_attrs[a] != new_attrs[a]}
+        # `is not` first: the projector leaves most attributes as the very object it was
+        # given (of 5,000 projected deliveries, `skills` in 4,099), which `!=` would still
+        # walk item by item. (The same object cannot differ from itself: the projector
+        # replaces maps and lists, never changes them in place.)
+        moved = {
+            name: None
+            for attr, name in _FIELD_OF.items()
+            if (was := old_attrs[attr]) is not (now := new_attrs[attr]) and was != now
+        }
         if not moved or (len(moved) == 1 and _BOOKKEEPING in moved):
             return {}
     out: dict[str, dict[str, Any]] = {}
@@ -113,7 +121,8 @@ def grows(before: Buddy | None, after: Buddy) -> bool:
         return True
     old_attrs, new_attrs = vars(before), vars(after)
     for attr, name in _FIELD_OF.items():
-        if name != _BOOKKEEPING and old_attrs[attr] != new_attrs[attr]:
+        was, now = old_attrs[attr], new_attrs[attr]
+        if was is not now and name != _BOOKKEEPING and was != now:
             render = _RENDER[name]
             if render(before) != render(after):
                 return True
