@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
+from typing import Any
 
 import structlog
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from service.hatched.debounce import request_refresh
 
@@ -89,6 +90,7 @@ class Waker:
         self._retry_at = 0.0
         self._lock = asyncio.Lock()
         self._claim: AsyncScript | None = None
+        self._scripts = True
 
     async def _pool(self) -> ArqRedis | None:
         if self._redis is not None or self._closed:
@@ -135,11 +137,7 @@ class Waker:
             return False
         try:
             async with asyncio.timeout(self._op_timeout):
-                if self._claim is None:
-                    self._claim = redis.register_script(_CLAIM)
-                claimed = await self._claim(
-                    keys=[wake_key(self._queue, shard) for shard in shards], args=[WAKE_TTL_S]
-                )
+                claimed = await self._claimed(redis, [wake_key(self._queue, s) for s in shards])
                 for shard, was_set in zip(shards, claimed, strict=True):
                     if was_set:
                         await redis.enqueue_job(APPLY_JOB, shard, _queue_name=self._queue)
@@ -147,6 +145,23 @@ class Waker:
         except Exception as exc:  # any Redis failure: the sweeper covers it
             self._fail(exc)
             return False
+
+    async def _claimed(self, redis: ArqRedis, keys: list[str]) -> list[Any]:
+        """For each key, whether this claimed it (`SET NX EX`)."""
+        if self._scripts:
+            if self._claim is None:
+                self._claim = redis.register_script(_CLAIM)
+            try:
+                return list(await self._claim(keys=keys, args=[WAKE_TTL_S]))
+            except ResponseError as exc:
+                # A Redis that refuses scripts (an ACL without @scripting, a managed Redis
+                # with EVAL disabled) still wakes the workers: one SET per key from now on.
+                log.warning("redis_scripts_refused", error=repr(exc)[:200])
+                self._scripts = False
+        async with redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.set(key, b"1", nx=True, ex=WAKE_TTL_S)
+            return list(await pipe.execute())
 
     async def request_refresh(
         self, buddy_id: str, *, priority: bool = False, delay_s: float = 0.0

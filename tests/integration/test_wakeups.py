@@ -3,6 +3,9 @@ waiting, and again as soon as the worker took the last one."""
 
 from __future__ import annotations
 
+import secrets
+from urllib.parse import urlsplit
+
 import redis.asyncio as aioredis
 from arq.jobs import Job
 
@@ -48,6 +51,28 @@ async def test_wake_many_queues_one_wake_up_per_free_shard(
         assert sorted(await queued_shards(redis)) == [3, 3, 7, 7, 11, 20]
     finally:
         await waker.close()
+
+
+async def test_wake_many_where_scripts_are_refused_falls_back_to_one_set_per_shard(
+    redis_url: str, redis: aioredis.Redis
+) -> None:
+    # A user of this Redis that may run every command but scripts (as where EVAL is disabled).
+    user, password = "hm-test-no-scripts", secrets.token_hex(8)
+    await redis.execute_command(
+        "ACL", "SETUSER", user, "reset", "on", f">{password}", "~*", "&*", "+@all", "-@scripting"
+    )
+    url = urlsplit(redis_url)
+    limited = url._replace(netloc=f"{user}:{password}@{url.hostname}:{url.port or 6379}").geturl()
+    waker = Waker(limited, QUEUE, timeout_s=5)
+    try:
+        assert await waker.wake_many([1, 2])
+        assert sorted(await queued_shards(redis)) == [1, 2]
+        assert await waker.wake_many([1, 2, 5])
+        assert sorted(await queued_shards(redis)) == [1, 2, 5]
+        assert 0 < await redis.ttl(wake_key(QUEUE, 5)) <= 60
+    finally:
+        await waker.close()
+        await redis.execute_command("ACL", "DELUSER", user)
 
 
 async def test_wake_many_without_redis_reports_failure() -> None:
