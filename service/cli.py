@@ -21,7 +21,7 @@ import uvicorn
 import uvloop
 from prometheus_client import start_http_server
 
-from service import logs, store
+from service import gctuning, logs, store
 from service.config import ConfigError, Settings, load_settings, require
 from service.server import BoundedHttpToolsProtocol
 
@@ -63,7 +63,10 @@ def app_from_env() -> Any:
     """uvicorn factory for `serve --workers N`: each process reads the environment itself."""
     from service.app import create_app
 
-    return create_app(_settings("serve"))
+    app = create_app(_settings("serve"))
+    # Here rather than in `serve`: with --workers N each process builds its own app.
+    gctuning.tune("serve")
+    return app
 
 
 def _exit_requested(signum: int, frame: object) -> None:
@@ -121,8 +124,10 @@ def worker() -> None:
     # trips to Postgres and Redis, which uvloop's transports make cheaper. arq takes the
     # current loop.
     asyncio.set_event_loop(uvloop.new_event_loop())
+    arq_worker = create_worker(settings)
+    gctuning.tune("worker")
     try:
-        create_worker(settings).run()
+        arq_worker.run()
     except asyncio.CancelledError:
         # SIGTERM: once the completion wait is over, arq cancels the jobs still running and its
         # close() re-raises that cancellation, even for a job it had only just fetched. The
