@@ -3,7 +3,6 @@ each says so in its log, with what it froze."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -11,12 +10,13 @@ import httpx
 
 from service import store
 from service.gctuning import GC_THRESHOLDS
-from tests.support.harness import Process, serve, service_env
+from tests.support.harness import Process, log_lines, serve, service_env
 
 
 def tuned_lines(log: Path, process: str) -> list[dict[str, object]]:
-    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
-    return [x for x in lines if x.get("event") == "gc_tuned" and x.get("process") == process]
+    return [
+        x for x in log_lines(log) if x.get("event") == "gc_tuned" and x.get("process") == process
+    ]
 
 
 def check(line: dict[str, object]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import httpx
@@ -10,7 +9,7 @@ import httpx
 from service import store
 from service.dev.samples import build_delivery
 from tests.support.config import ADMIN_TOKEN, API_TOKEN, SECRET
-from tests.support.harness import serve, service_env
+from tests.support.harness import log_lines, serve, service_env
 
 
 def test_delivery_lines_carry_ids_and_no_secret_is_logged(
@@ -35,7 +34,7 @@ def test_delivery_lines_carry_ids_and_no_secret_is_logged(
             f"{url}/v1/buddies/buddy_logged", headers={"Authorization": f"Bearer {API_TOKEN}"}
         )
         assert read.status_code in (200, 404)
-    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    lines = log_lines(log)
     stored = [line for line in lines if line.get("event") == "delivery_stored"]
     assert len(stored) == 1
     assert stored[0]["delivery_id"] == sent.json()["delivery_id"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -13,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 
@@ -113,6 +114,11 @@ def wait_for_http(
         if gone() or time.monotonic() > deadline:
             raise RuntimeError(f"{url} did not answer 200:\n{why()}")
         time.sleep(0.1)
+
+
+def log_lines(log: Path) -> list[dict[str, Any]]:
+    """The JSON lines of a process's log (MIRROR_LOG_FORMAT=json), skipping anything else."""
+    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
 
 
 @contextlib.contextmanager
