@@ -10,6 +10,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -340,6 +341,50 @@ async def test_erasure_leaves_nothing_and_nothing_brings_it_back(
 
 def _digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()[:16]
+
+
+async def test_a_connection_that_stored_before_the_erasure_turns_the_buddy_away(
+    settings: Settings, http: httpx.AsyncClient, db: store.Pool
+) -> None:
+    """The inbox's statement is planned once per connection (sql/0017_store_deliveries.sql):
+    a connection that has stored many batches while no buddy was erased still sees a
+    tombstone made afterwards, on its next batch."""
+    user, other = make_user("planned", buddies=2), make_user("planned_other", buddies=1)
+
+    def delivery(buddy_id: str) -> store.NewDelivery:
+        return store.NewDelivery(
+            delivery_id=str(uuid.uuid4()),
+            format="v2",
+            event_type="coins.earned",
+            event_id=None,
+            buddy_id=buddy_id,
+            shard=0,
+            occurred_at=datetime.now(UTC),
+            signed_at=datetime.now(UTC),
+            headers={},
+            body=orjson.dumps({"buddy_id": buddy_id}),
+            status="unmapped",  # final already: nothing for a worker to apply
+            reason="test",
+            signature=uuid.uuid4().bytes,
+        )
+
+    async with running_worker(settings):
+        await seed(http, db, user, other)
+    buddies = [*user.buddy_ids, *other.buddy_ids]
+    async with db.acquire() as conn:
+        assert not await conn.fetchval("SELECT EXISTS (SELECT FROM tombstones)")
+        # More executions than the five after which Postgres may settle on a cached plan.
+        for _ in range(8):
+            stored = await store.insert_deliveries(conn, [delivery(b) for b in buddies])
+            assert all(isinstance(seq, int) for seq in stored)
+        await forget(http, user.user_id)
+        batch = [delivery(b) for b in buddies] + [delivery(user.buddy_ids[0])]
+        stored = await store.insert_deliveries(conn, batch)
+        hits = await conn.fetchval("SELECT sum(hits) FROM tombstones")
+    assert stored[:2] == [store.FORGOTTEN, store.FORGOTTEN] and stored[3] == store.FORGOTTEN
+    assert isinstance(stored[2], int)
+    assert hits == 3
+    assert await find_anywhere(db, user.needles) == []
 
 
 async def test_a_delivery_that_raced_into_the_inbox_is_deleted_not_applied(
