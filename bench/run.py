@@ -22,13 +22,14 @@ from pathlib import Path
 
 import orjson
 
-from bench import backlog, feed, read, report, scale, scenarios, subscription, upgrade
+from bench import backlog, feed, flush, read, report, scale, scenarios, subscription, upgrade
 from bench.common import QUICK, Ctx, Plan
 from bench.report import Section
 
 SCENARIOS: dict[str, Callable[[Ctx], Awaitable[Section]]] = {
     "receiver": scenarios.receiver,
     "ack_latency": scenarios.ack_latency,
+    "inbox_flush": flush.inbox_flush,
     "backlog": backlog.backlog,
     "backlog_feed": feed.backlog_feed,
     "freshness": scenarios.freshness,
