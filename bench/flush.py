@@ -9,11 +9,10 @@ or two, under the closed loop of the receiver scenario about half its connection
 from __future__ import annotations
 
 import hashlib
-import statistics
 import time
 from dataclasses import replace
 
-from bench import inbox, procs
+from bench import inbox, procs, wire
 from bench.common import Ctx, database, shards
 from bench.load import buddy_ids, make_deliveries
 from bench.report import Section, table
@@ -70,13 +69,13 @@ async def inbox_flush(ctx: Ctx) -> Section:
                     wall = time.perf_counter() - started
                     cpu.stop()
                     timed = (n - WARMUP_FLUSHES) * size
-                    times.sort()
+                    ms = wire.percentiles(times)
                     results.append(
                         (
                             size,
                             n - WARMUP_FLUSHES,
-                            round(statistics.median(times) * 1000, 2),
-                            round(times[int(len(times) * 0.99)] * 1000, 2),
+                            ms["p50"],
+                            ms["p99"],
                             round(cpu.process_s * 1e6 / timed, 1),
                             round(wall * 1e6 / timed, 1),
                         )

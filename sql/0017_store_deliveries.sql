@@ -2,8 +2,8 @@
 --
 -- The service's connections plan every statement for its parameters (plan_cache_mode =
 -- force_custom_plan, service/store/pool.py): a generic plan made while a table was empty is a
--- sequential scan that the connection keeps. But the receiver's statement (six parts: the
--- tombstone probe, the signatures, the delivery, its state row) took Postgres 0.66 ms to plan,
+-- sequential scan that the connection keeps. But the receiver's statement (the tombstone
+-- probe and its hit count, the signature, the delivery, its state row) took 0.66 ms to plan,
 -- a quarter of a flush of 32 deliveries, on every flush (bench/BENCHMARKS.md). Its only part
 -- whose best plan depends on a table's size is the tombstone probe; every other part inserts
 -- through a unique index or joins the batch's own rows. So the function plans the rest once,
