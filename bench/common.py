@@ -30,6 +30,7 @@ class Plan:
     warmup_s: float = 3.0
     receiver_s: float = 20.0
     receiver_conns: int = 64
+    receiver_pairs: int = 3  # runs of (b) and of the service, alternated
     ack_rate: float = 1000.0
     ack_s: float = 60.0
     backlog: int = 100_000
@@ -63,6 +64,7 @@ QUICK = Plan(
     warmup_s=0.5,
     receiver_s=1.5,
     receiver_conns=16,
+    receiver_pairs=2,
     ack_rate=200.0,
     ack_s=2.0,
     backlog=3_000,
