@@ -47,7 +47,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, about 100 s: CI smoke")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, about 110 s: CI smoke")
     parser.add_argument(
         "--only",
         nargs="+",
