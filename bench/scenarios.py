@@ -54,7 +54,7 @@ async def receiver(ctx: Ctx) -> Section:
     # kind's speed drifts within minutes, and one run of each is a ratio of two moments.
     order: list[str] = ["a", "c"]
     for i in range(p.receiver_pairs):
-        order += ["b", "service"] if i % 2 == 0 else ["service", "b"]
+        order += _pair_order(i)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in RECEIVERS}
     for i, name in enumerate(order):
         runs[name].append(await _receiver_run(ctx, sec, name, i))
@@ -88,6 +88,7 @@ async def receiver(ctx: Ctx) -> Section:
         table(["receiver", "req/s", "p50 ms", "p99 ms", "non-202", "service ÷ this"], rows)
     )
     pairs = list(zip(runs["b"], runs["service"], strict=True))
+    pair_ratios = [ratio(s["rps"], b["rps"]) for b, s in pairs]
     sec.blocks.append(
         table(
             [
@@ -102,14 +103,14 @@ async def receiver(ctx: Ctx) -> Section:
             [
                 (
                     i + 1,
-                    "(b)" if i % 2 == 0 else "service",
+                    "(b)" if _pair_order(i)[0] == "b" else "service",
                     b["rps"],
                     s["rps"],
-                    ratio(s["rps"], b["rps"]),
+                    pair_ratio,
                     round(b["process_us"], 1),
                     round(s["process_us"], 1),
                 )
-                for i, (b, s) in enumerate(pairs)
+                for i, ((b, s), pair_ratio) in enumerate(zip(pairs, pair_ratios, strict=True))
             ],
         )
     )
@@ -124,11 +125,11 @@ async def receiver(ctx: Ctx) -> Section:
             [window_row(RECEIVERS[name], results[name]) for name in RECEIVERS],
         )
     )
-    vs_b = round(statistics.median(ratio(s["rps"], b["rps"]) for b, s in pairs), 2)
+    vs_b = round(statistics.median(pair_ratios), 2)
     vs_c = ratio(svc, results["c"]["rps"])
     cpu_b = statistics.median(b["process_us"] for b, _ in pairs)
     cpu_svc = statistics.median(s["process_us"] for _, s in pairs)
-    each = ", ".join(f"{ratio(s['rps'], b['rps'])}" for b, s in pairs)
+    each = ", ".join(str(r) for r in pair_ratios)
     sec.targets += [
         Target(
             "throughput ≥ 1.5x baseline (b)",
@@ -179,6 +180,11 @@ async def _receiver_run(ctx: Ctx, sec: Section, name: str, i: int) -> dict[str, 
             await proc.stop()
     check_load(sec, name, result)
     return result
+
+
+def _pair_order(i: int) -> list[str]:
+    """Which of (b) and the service runs first in pair `i`: they take turns."""
+    return ["b", "service"] if i % 2 == 0 else ["service", "b"]
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
