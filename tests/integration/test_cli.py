@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -210,6 +212,78 @@ async def test_a_delivery_the_previous_release_stores_during_the_split_is_applie
                 assert [r["delivery_id"] for r in claimed] == ["late"]
         finally:
             await pool.close()
+
+
+# The receiver's statement before sql/0018: one array per column.
+_PREVIOUS_INSERT = """
+SELECT delivery_id, seq
+FROM store_deliveries($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
+                      $7::timestamptz[], $8::timestamptz[], $9::text[], $10::bytea[],
+                      $11::text[], $12::text[], $13::bytea[], $14::text[], $15::smallint[])
+"""
+
+
+async def test_the_previous_release_stores_deliveries_like_this_one_after_the_upgrade(
+    database_url: str,
+) -> None:
+    """sql/0018 gives the receiver a statement taking one array of rows; a receiver of the
+    previous release, still serving during a rolling upgrade, calls the old one. Both store
+    the same rows, and both refuse a repeated delivery id or signature."""
+    now = datetime.now(UTC)
+
+    def delivery(delivery_id: str, signature: bytes) -> store.NewDelivery:
+        return store.NewDelivery(
+            delivery_id=delivery_id,
+            format="v1",
+            event_type="coins.earned",
+            event_id=f"evt_{delivery_id}",
+            buddy_id="b1",
+            shard=7,
+            occurred_at=now,
+            signed_at=now,
+            headers={"x-hatched-event": "coins.earned"},
+            body=b'{"x": "\\u00e9"}',
+            status="accepted",
+            reason=None,
+            signature=signature,
+            event_data='{"amount": 5}',
+            event_parser=PARSER,
+        )
+
+    async with scratch_database(database_url) as dsn:
+        pool = await store.create_pool(dsn, size=1, timeout_s=10)
+        try:
+            async with pool.acquire() as conn:
+                await store.migrate(conn)
+                old, new = delivery("old", b"s" * 32), delivery("new", b"t" * 32)
+                columns = [list(c) for c in zip(old.row(), strict=True)]
+                stored_old = await conn.fetch(_PREVIOUS_INSERT, *columns)
+                assert [r["delivery_id"] for r in stored_old] == ["old"]
+                assert [
+                    r["delivery_id"] for r in await conn.fetch(_PREVIOUS_INSERT, *columns)
+                ] == []
+                assert await store.insert_deliveries(conn, [new]) == [stored_old[0]["seq"] + 1]
+                # Its signature again under a new id: a replay, not stored.
+                replay = dataclasses.replace(new, delivery_id="replay")
+                assert await store.insert_deliveries(conn, [new, replay]) == [None, None]
+                rows = [
+                    dict(r)
+                    for r in await conn.fetch(
+                        "SELECT d.*, s.status, s.reason, s.attempts, s.applied_at"
+                        " FROM deliveries AS d JOIN delivery_states AS s USING (seq) ORDER BY seq"
+                    )
+                ]
+        finally:
+            await pool.close()
+    assert len(rows) == 2
+    different = {"seq", "delivery_id", "event_id", "received_at"}
+    assert {k: v for k, v in rows[0].items() if k not in different} == {
+        k: v for k, v in rows[1].items() if k not in different
+    }
+    assert rows[1]["headers"] == {"x-hatched-event": "coins.earned"}
+    assert rows[1]["event_data"] == '{"amount": 5}'  # json, kept as the text given
+    assert rows[1]["body"] == new.body
+    assert (rows[1]["shard"], rows[1]["status"], rows[1]["event_parser"]) == (7, "accepted", PARSER)
 
 
 async def test_a_migration_may_run_longer_than_the_command_timeout(
