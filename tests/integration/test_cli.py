@@ -266,6 +266,8 @@ async def test_the_previous_release_stores_deliveries_like_this_one_after_the_up
                 # Its signature again under a new id: a replay, not stored.
                 replay = dataclasses.replace(new, delivery_id="replay")
                 assert await store.insert_deliveries(conn, [new, replay]) == [None, None]
+                # Alone, so that the database's signature check, not the batch's, refuses it.
+                assert await store.insert_deliveries(conn, [replay]) == [None]
                 rows = [
                     dict(r)
                     for r in await conn.fetch(
